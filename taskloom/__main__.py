@@ -1,0 +1,5 @@
+import sys
+
+from taskloom.cli import main
+
+sys.exit(main())

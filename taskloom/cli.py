@@ -1,0 +1,132 @@
+"""Command-line interface: ``taskloom train`` and ``taskloom eval``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from taskloom.errors import TaskloomError
+
+EPILOG = """\
+examples:
+  taskloom train                                   # embedded MultiMNIST, cross-stitch, under 5 min on 2 cores
+  taskloom train configs/multimnist/split.yaml model.architecture=split@2 --epochs 3
+  taskloom train --run-dir runs/cs --resume        # continue an interrupted run
+  taskloom eval runs/cs/checkpoints/best.pt --split val
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskloom", description="Multi-task deep learning with learned cross-task feature sharing.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    train = sub.add_parser(
+        "train", help="train a model from a config file (default: embedded MultiMNIST cross-stitch)",
+        description="Train a multi-task model. The config file is YAML; KEY=VALUE overrides (dotted keys, "
+                    "YAML values) and flags are applied on top, flags last.",
+    )
+    train.add_argument("config", nargs="?", help="YAML config file (omit for the built-in default)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. train.lr=0.01 model.architecture=split@2")
+    train.add_argument("--epochs", type=int, help="number of epochs (train.epochs)")
+    train.add_argument("--seed", type=int, help="training seed (seed)")
+    train.add_argument("--data-root", help="folder of the dataset's files (data.root)")
+    train.add_argument("--run-dir", help="output folder (default: runs/<dataset>-<architecture>-s<seed>)")
+    train.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="train.device")
+    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    train.add_argument("--force", action="store_true", help="resume even if the config changed")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the test or validation split",
+                        description="Evaluate a checkpoint; prints a table and writes a final.json-style record.")
+    ev.add_argument("checkpoint", help="a checkpoint written by taskloom train (best.pt or last.pt)")
+    ev.add_argument("--split", choices=["test", "val"], default="test", help="split to evaluate (default: test)")
+    ev.add_argument("--data-root", help="folder of the dataset's files (overrides the saved data.root)")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="device")
+    ev.add_argument("--output", help="where to write the JSON record (default: RUN_DIR/eval_<split>.json)")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from taskloom import config as cfg
+    from taskloom.train import run
+
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        overrides.insert(0, args.config)  # `taskloom train key=value` without a config file
+        args.config = None
+    for flag, key in (("epochs", "train.epochs"), ("seed", "seed"), ("data_root", "data.root"), ("device", "train.device")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    config = cfg.load(args.config, overrides)
+    run_dir = Path(args.run_dir or f"runs/{config.data.name}-{config.model.architecture.name}-s{config.seed}")
+    final = run(config, run_dir, resume=args.resume, force=args.force)
+    _print_final(final)
+    print(f"results: {run_dir / 'final.json'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from taskloom import checkpoint, config as cfg
+    from taskloom.data import build_data
+    from taskloom.errors import CheckpointError
+    from taskloom.models import build_model
+    from taskloom.train import count_parameters, evaluate, resolve_device
+
+    path = Path(args.checkpoint)
+    payload = checkpoint.load(path)
+    if payload.get("config") is None:
+        raise CheckpointError(f"{path}: saved without a config (Python API); load its 'model' state dict yourself")
+    raw = payload["config"]
+    if args.data_root:
+        raw["data"]["root"] = args.data_root
+    config = cfg.from_dict(raw, source=f"{path} (saved config)")
+    data = build_data(config.data)
+    model = build_model(config.model.architecture, config.model.backbone, data.tasks, data.input_shape)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the saved config's model ({exc})") from None
+    device = resolve_device(args.device)
+    model.to(device)
+    with torch.no_grad():
+        results, _ = evaluate(model, data.split(args.split), data.tasks, batch_size=config.data.eval_batch_size,
+                              num_workers=config.data.num_workers, device=device)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    final = {"tasks": results, "params": count_parameters(model), "seconds": payload["state"].get("seconds"),
+             "config": str(run_dir / "config.yaml"), "split": args.split, "checkpoint": str(path)}
+    out = Path(args.output) if args.output else run_dir / f"eval_{args.split}.json"
+    out.write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
+    _print_final(final)
+    print(f"results: {out}")
+    return 0
+
+
+def _print_final(final: dict) -> None:
+    from taskloom.report import metrics_table
+
+    print(metrics_table(final["tasks"]))
+    print(f"parameters: {final['params']:,}   split: {final['split']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _train, "eval": _eval}[args.command](args)
+    except TaskloomError as exc:
+        print(f"taskloom: error: {exc}", file=sys.stderr)
+        return 130 if type(exc).__name__ == "Interrupted" else 2
+    except KeyboardInterrupt:
+        print("taskloom: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,409 @@
+"""Experiment configuration: typed dataclasses, validated from YAML plus ``key=value`` overrides.
+
+Every setting that changes an experiment lives here. A config file is loaded with
+``yaml.safe_load``; the resulting mapping is checked against the dataclasses below. Unknown keys,
+wrong types and bad values are errors that name the file, line, dotted key, the bad value and
+what is allowed (with the closest valid key for typos) -- never silently ignored.
+
+Fields whose type is a registry base class (dataset, backbone, architecture) are *tagged*: the
+``name`` key picks the options class of one registry entry, and a bare string is shorthand for
+``{name: <string>}`` (``model.architecture: split@2`` -> ``{name: split, at: 2}``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from taskloom.errors import ConfigError
+from taskloom.registry import Registry
+
+# Importing these modules fills the registries the tagged fields dispatch on.
+from taskloom.models import ArchOptions, CrossStitchOptions
+from taskloom.backbones import BackboneOptions, LeNetOptions
+from taskloom.data import DataOptions
+from taskloom.data.multimnist import MultiMNISTOptions
+from taskloom.weighting import FixedOptions, WeightingOptions
+
+
+@dataclasses.dataclass
+class GroupOptions:
+    """Optimiser settings of one kind of parameter."""
+
+    lr_mult: float = 1.0
+    """Multiplier on ``train.lr`` for this group; kept through every schedule."""
+    weight_decay: float | None = None
+    """Weight decay of this group; ``null`` uses ``train.weight_decay``."""
+
+
+@dataclasses.dataclass
+class ParamGroups:
+    """Per-kind optimiser settings. Every parameter is exactly one of these kinds."""
+
+    backbone: GroupOptions = dataclasses.field(default_factory=GroupOptions)
+    """Task towers and shared trunk."""
+    fusion: GroupOptions = dataclasses.field(
+        default_factory=lambda: GroupOptions(lr_mult=100.0, weight_decay=0.0)
+    )
+    """Mixing units (cross-stitch alphas, ...). Default x100 learning rate, no weight decay:
+    decay would pull the alphas toward 0, which nobody asked for."""
+    head: GroupOptions = dataclasses.field(default_factory=GroupOptions)
+    """Per-task output heads."""
+    weighting: GroupOptions = dataclasses.field(default_factory=lambda: GroupOptions(weight_decay=0.0))
+    """Learned loss-weighting parameters (for example uncertainty log-variances)."""
+    regularizer: GroupOptions = dataclasses.field(default_factory=lambda: GroupOptions(weight_decay=0.0))
+    """Learned parameters of a regulariser (for example the affine (a, b) of affine_exp)."""
+
+
+@dataclasses.dataclass
+class ScheduleOptions:
+    """Learning-rate schedule, stepped once per epoch. All schedules scale every parameter
+    group by the same factor, so per-group multipliers survive."""
+
+    name: Literal["constant", "step", "plateau", "poly", "cosine"] = "cosine"
+    step_size: int = 10
+    """``step``: epochs between decays."""
+    gamma: float = 0.1
+    """``step`` and ``plateau``: decay factor."""
+    patience: int = 2
+    """``plateau``: epochs without validation improvement before decaying."""
+    power: float = 0.9
+    """``poly``: exponent of (1 - epoch / epochs)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Optimisation, model selection and run-time settings."""
+
+    epochs: int = 5
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    """SGD momentum (ignored by Adam)."""
+    weight_decay: float = 5e-4
+    schedule: ScheduleOptions = dataclasses.field(default_factory=ScheduleOptions)
+    groups: ParamGroups = dataclasses.field(default_factory=ParamGroups)
+    loss_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Per-task loss weights; tasks not listed weigh 1 (the papers' unweighted sum)."""
+    weighting: WeightingOptions = dataclasses.field(default_factory=FixedOptions)
+    """How task losses are combined into one update (``fixed``: the weighted sum)."""
+    select: str = "mean"
+    """Model selection on the validation split: ``mean`` (mean over tasks of each task's
+    primary metric, negated where lower is better), ``loss`` (weighted validation loss), or
+    ``TASK/METRIC``."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value (``null``: no clipping)."""
+    deterministic: bool = True
+    """Use deterministic algorithms (exact resume on CPU)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    progress: bool = True
+    """Show a progress bar when writing to a terminal."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Backbone (cut into stages) and how the task towers share it."""
+
+    backbone: BackboneOptions = dataclasses.field(default_factory=LeNetOptions)
+    architecture: ArchOptions = dataclasses.field(default_factory=CrossStitchOptions)
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole experiment. The defaults are the embedded MultiMNIST cross-stitch run."""
+
+    seed: int = 0
+    data: DataOptions = dataclasses.field(default_factory=MultiMNISTOptions)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class _Where:
+    """Where a value came from: a dotted key path plus, when known, file and line."""
+
+    def __init__(self, source: str | None, lines: dict[str, int], path: str = ""):
+        self.source, self.lines, self.path = source, lines, path
+
+    def child(self, key: str | int) -> _Where:
+        path = f"{self.path}.{key}" if self.path else str(key)
+        return _Where(self.source, self.lines, path)
+
+    def error(self, message: str) -> ConfigError:
+        prefix = ""
+        if self.source:
+            line = self._line()
+            prefix = f"{self.source}" + (f", line {line}" if line else "") + ": "
+        key = self.path or "<top level>"
+        return ConfigError(f"{prefix}{key}: {message}")
+
+    def _line(self) -> int | None:
+        path = self.path
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path.rpartition(".")[0]
+        return None
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, where: _Where) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[allowed.index(value)]):
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise where.error(f"{value!r} is not one of {_type_name(tp)}{hint}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise where.error(f"null is not allowed, expected {_type_name(tp)}")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise where.error(f"{value!r} is not a valid {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise where.error(f"expected a list of {_type_name(item)}, got {value!r}")
+        return [_convert(item, v, where.child(i)) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise where.error(f"expected a mapping, got {value!r}")
+        return {_convert(key_tp, k, where): _convert(item, v, where.child(k)) for k, v in value.items()}
+    if _is_tagged(tp):
+        return _build_tagged(tp, value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise where.error(f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise where.error(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise where.error(f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise where.error(f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} at {where.path}")  # a bug, not user input
+
+
+def _build_dataclass(cls: type, value: Any, where: _Where, skip: tuple[str, ...] = ()) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise where.error(f"expected a mapping of {cls.__name__} options, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in value:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise where.child(key).error(
+                f"unknown key; {hint}valid keys here: {', '.join(sorted(fields))}"
+            )
+    kwargs = {}
+    for name, field in fields.items():
+        if name in value and name not in skip:
+            item = value[name]
+            if isinstance(item, dict) and "name" not in item and _is_tagged(hints[name]):
+                item = {"name": _default(field).name, **item}  # refine the default entry
+            kwargs[name] = _convert(hints[name], item, where.child(name))
+    try:
+        obj = cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # __post_init__ checks across fields
+        raise where.error(str(exc)) from None
+    return obj
+
+
+def _is_tagged(tp: Any) -> bool:
+    return isinstance(tp, type) and isinstance(getattr(tp, "registry", None), Registry)
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _build_tagged(base: type, value: Any, where: _Where) -> Any:
+    registry: Registry = base.registry
+    if isinstance(value, str):
+        value = registry.expand(value)
+    if not isinstance(value, dict):
+        raise where.error(f"expected a {registry.kind} name or mapping, got {value!r}")
+    name = value.get("name")
+    if name not in registry:
+        close = difflib.get_close_matches(str(name), registry.names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise where.child("name").error(
+            f"unknown {registry.kind} {name!r}{hint}; choose one of {', '.join(registry.names())}"
+        )
+    obj = _build_dataclass(registry[name].options, value, where, skip=("name",))
+    return obj
+
+
+def from_dict(value: dict[str, Any], source: str | None = None, lines: dict[str, int] | None = None) -> Config:
+    """Validate a plain mapping into a :class:`Config`."""
+    return _build_dataclass(Config, value, _Where(source, lines or {}))
+
+
+def to_dict(config: Any) -> Any:
+    """A plain, YAML-safe mapping of a config (the inverse of :func:`from_dict`)."""
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------- files and overrides
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """Dotted key path -> 1-based line number, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, child in node.value:
+                sub = f"{path}.{key.value}" if path else str(key.value)
+                lines[sub] = key.start_mark.line + 1
+                walk(child, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, child in enumerate(node.value):
+                lines[f"{path}.{i}"] = child.start_mark.line + 1
+                walk(child, f"{path}.{i}")
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping safely; returns it with its key -> line map."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data, _line_map(text)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, for example train.lr=0.1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str):
+            # A tagged shorthand ("split@2") being refined: expand it to its mapping first.
+            child = node[part] = _expand_shorthand(parts[: i + 1], child)
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"override {override!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _expand_shorthand(path: list[str], value: str) -> dict[str, Any]:
+    tagged = {("data",): DataOptions, ("model", "backbone"): BackboneOptions,
+              ("model", "architecture"): ArchOptions}
+    base = tagged.get(tuple(path))
+    return base.registry.expand(value) if base else {"name": value}
+
+
+def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a config file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = None
+    if path is not None:
+        data, lines = read_yaml(path)
+        source = str(path)
+    for override in overrides:
+        apply_override(data, override)
+        lines.pop(override.partition("=")[0].strip(), None)
+    return from_dict(data, source, lines)
+
+
+def dump(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable by :func:`load`)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config mappings."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += diff(va, vb, path)
+        elif va != vb:
+            keys.append(path)
+    return keys

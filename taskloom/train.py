@@ -1,0 +1,397 @@
+"""The trainer shared by the CLI and the Python API.
+
+:func:`fit` trains a multi-task model: per-kind parameter groups (backbone / fusion / head) with
+their own learning-rate multiplier and weight decay, an epoch-wise schedule that scales every
+group by the same factor (so multipliers survive), per-task loss weights, model selection on the
+validation split, an atomic checkpoint every epoch and exact resume (same final weights on CPU
+as an uninterrupted run, also after an interrupt in the middle of an epoch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from taskloom import checkpoint
+from taskloom.config import Config, ScheduleOptions, TrainConfig, diff, to_dict
+from taskloom.data import DataBundle
+from taskloom.errors import ConfigError, TaskloomError
+from taskloom.models import parameter_kinds
+from taskloom.tasks import Task, primary_score
+from taskloom.weighting import build_weighting
+
+# Keys that may differ between a run and its resumption without changing the result.
+RESUME_SAFE_KEYS = {"train.device", "train.progress", "data.num_workers", "data.root", "data.eval_batch_size"}
+
+
+class TrainingError(TaskloomError):
+    """Training cannot go on (for example a non-finite loss)."""
+
+
+class Interrupted(TaskloomError):
+    """SIGINT/SIGTERM received; the state was saved and the run can be resumed."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("train.device: 'mps' requested but MPS is not available (use auto or cpu)")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> torch.optim.Optimizer:
+    """One parameter group per kind, ``lr = cfg.lr * lr_mult`` and its own weight decay.
+
+    ``extra`` modules (the loss weighting) contribute their parameters by kind as well.
+    """
+    groups = []
+    kinds = parameter_kinds(model)
+    for module in extra:
+        for kind, params in parameter_kinds(module).items():
+            kinds.setdefault(kind, []).extend(params)
+    for kind, params in kinds.items():
+        options = getattr(cfg.groups, kind, None)
+        if options is None:
+            raise ConfigError(f"train.groups: no settings for parameter kind {kind!r}")
+        decay = cfg.weight_decay if options.weight_decay is None else options.weight_decay
+        groups.append({"params": params, "name": kind, "lr": cfg.lr * options.lr_mult,
+                       "lr_mult": options.lr_mult, "weight_decay": decay})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def schedule_factor(options: ScheduleOptions, epoch: int, epochs: int) -> float:
+    """Multiplier of every group's base learning rate at (0-based) ``epoch``."""
+    if options.name == "step":
+        return options.gamma ** (epoch // options.step_size)
+    if options.name == "poly":
+        return max(0.0, 1.0 - epoch / epochs) ** options.power
+    if options.name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, options: ScheduleOptions, epochs: int):
+    """An epoch-wise scheduler that multiplies every group's rate by one common factor.
+
+    ``LambdaLR`` scales each group's own initial rate, and ``ReduceLROnPlateau`` multiplies
+    each group's current rate, so the ratio between groups (the fusion multiplier) is kept.
+    """
+    if options.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=options.gamma, patience=options.patience
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule_factor(options, e, epochs))
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: Dataset, tasks: list[Task], *, batch_size: int = 512,
+    num_workers: int = 0, device: torch.device | str = "cpu",
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Metrics ``{task: {metric: value}}`` and mean loss ``{task: loss}`` of ``model`` on ``dataset``."""
+    device = torch.device(device)
+    model.eval()
+    metrics = {t.name: t.metrics().to(device) for t in tasks}
+    loss_sum = {t.name: 0.0 for t in tasks}
+    count = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        x, y = _to(x, device), _to(y, device)
+        out = model(x)
+        for name, loss in model.loss_terms(out, y).items():
+            loss_sum[name] += float(loss) * len(x)
+        for t in tasks:
+            metrics[t.name].update(out[t.name], y[t.name])
+        count += len(x)
+    results = {t.name: t.summarize(metrics[t.name].compute()) for t in tasks}
+    for t in tasks:
+        results[t.name]["count"] = count
+    return results, {k: v / max(count, 1) for k, v in loss_sum.items()}
+
+
+def selection_score(select: str, tasks: list[Task], metrics: dict, losses: dict, weights: dict) -> float:
+    """Higher is better. See :attr:`TrainConfig.select`."""
+    if select == "mean":
+        return sum(primary_score(t, metrics[t.name]) for t in tasks) / len(tasks)
+    if select == "loss":
+        return -sum(weights.get(t.name, 1.0) * losses[t.name] for t in tasks)
+    task_name, metric = select.split("/", 1)
+    task = next(t for t in tasks if t.name == task_name)
+    value = float(metrics[task_name][metric])
+    return value if task.higher_is_better.get(metric, True) else -value
+
+
+def check_select(select: str, tasks: list[Task]) -> None:
+    if select in ("mean", "loss"):
+        return
+    task_name, _, metric = select.partition("/")
+    task = next((t for t in tasks if t.name == task_name), None)
+    if task is None or metric not in task.higher_is_better:
+        options = ["mean", "loss"] + [f"{t.name}/{m}" for t in tasks for m in t.higher_is_better]
+        raise ConfigError(f"train.select: {select!r} is not one of {', '.join(options)}")
+
+
+# --------------------------------------------------------------------------- training
+
+
+@contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a flag checked after every step (main thread only)."""
+    received: list[int] = []
+    if not hasattr(signal, "SIGTERM") or __import__("threading").current_thread() is not __import__("threading").main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:  # a second signal: stop now
+            signal.signal(signum, previous[signum])
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch: a function of (seed, epoch) only, so resumable."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    train: TrainConfig,
+    run_dir: str | Path,
+    *,
+    config: Config | None = None,
+    seed: int = 0,
+    batch_size: int = 128,
+    eval_batch_size: int = 512,
+    num_workers: int = 0,
+    resume: bool = False,
+    force: bool = False,
+    log=lambda *a: print(*a, flush=True),
+) -> dict[str, Any]:
+    """Train ``model`` on ``data`` and return the ``final.json`` record (test metrics of the
+    checkpoint selected on validation).
+
+    Writes into ``run_dir``: ``config.yaml`` (when ``config`` is given), ``metrics.jsonl`` (one
+    line per epoch), ``checkpoints/last.pt`` (every epoch and on interrupt), ``checkpoints/best.pt``
+    and ``final.json``.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    device = resolve_device(train.device)
+    tasks = list(model.tasks)
+    check_select(train.select, tasks)
+    unknown = sorted(set(train.loss_weights) - {t.name for t in tasks})
+    if unknown:
+        raise ConfigError(f"train.loss_weights: unknown tasks {unknown}; tasks are {[t.name for t in tasks]}")
+    weights = {t.name: train.loss_weights.get(t.name, 1.0) for t in tasks}
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+    model.to(device)
+    weighting = build_weighting(train.weighting, [t.name for t in tasks], weights).to(device)
+    optimizer = build_optimizer(model, train, weighting)
+    scheduler = build_scheduler(optimizer, train.schedule, train.epochs)
+    config_dict = to_dict(config) if config is not None else None
+
+    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "seconds": 0.0,
+             "partial": _empty_partial()}
+    last = ckpt_dir / "last.pt"
+    if resume and last.is_file():
+        payload = checkpoint.load(last)
+        if config_dict is not None and payload.get("config") is not None and not force:
+            changed = [k for k in diff(payload["config"], config_dict) if k not in RESUME_SAFE_KEYS]
+            if changed:
+                raise ConfigError(
+                    f"{last}: cannot resume with a different config; changed keys: {', '.join(changed)}. "
+                    f"Resume with the run's own config ({run_dir / 'config.yaml'}) or pass --force"
+                )
+        try:
+            model.load_state_dict(payload["model"])
+            weighting.load_state_dict(payload["weighting"])
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise checkpoint.CheckpointError(f"{last}: does not match this model ({exc})") from None
+        state.update(payload["state"])
+        torch.set_rng_state(payload["rng"]["torch"])
+        log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
+    elif resume:
+        log(f"no checkpoint at {last}; starting from scratch")
+    elif last.is_file():
+        raise ConfigError(
+            f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose another --run-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        from taskloom.config import dump
+        dump(config, run_dir / "config.yaml")
+    metrics_path = run_dir / "metrics.jsonl"
+    _truncate_log(metrics_path, state["epoch"])
+
+    def save_state(path: Path, with_optimizer: bool = True) -> None:
+        payload = {"config": config_dict, "model": model.state_dict(), "weighting": weighting.state_dict(),
+                   "state": dict(state),
+                   "rng": {"torch": torch.get_rng_state()}, "params": count_parameters(model),
+                   "tasks": [t.name for t in tasks]}
+        if with_optimizer:
+            payload["optimizer"] = optimizer.state_dict()
+            payload["scheduler"] = scheduler.state_dict()
+        checkpoint.save(payload, path)
+
+    from tqdm import tqdm
+
+    show = train.progress and sys.stderr.isatty()
+    with _stop_requests() as stop:
+        while state["epoch"] < train.epochs:
+            epoch = state["epoch"]
+            started = time.perf_counter()
+            model.train()
+            batches = _epoch_batches(len(data.train), batch_size, seed, epoch)
+            loader = DataLoader(data.train, batch_sampler=batches[state["step"]:], num_workers=num_workers,
+                                pin_memory=device.type == "cuda")
+            partial = state["partial"]
+            bar = tqdm(loader, total=len(batches), initial=state["step"], disable=not show,
+                       desc=f"epoch {epoch + 1}/{train.epochs}", leave=False, dynamic_ncols=True)
+            for x, y in bar:
+                x, y = _to(x, device), _to(y, device)
+                losses = model.loss_terms(model(x), y)
+                for name, loss in losses.items():
+                    if not torch.isfinite(loss):
+                        good = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
+                        raise TrainingError(
+                            f"loss of task {name!r} is {loss.item()} at epoch {epoch + 1}, step {state['step'] + 1}; "
+                            f"stopping ({good}). Lower the learning rate or check the inputs"
+                        )
+                penalties = model.penalty() if hasattr(model, "penalty") else {}
+                optimizer.zero_grad(set_to_none=True)
+                used = weighting.backward(losses, penalties, model)
+                if train.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+                optimizer.step()
+                state["step"] += 1
+                for name, loss in losses.items():
+                    partial["loss_sum"][name] = partial["loss_sum"].get(name, 0.0) + loss.item() * len(x)
+                for name, value in penalties.items():
+                    partial["penalty_sum"][name] = partial["penalty_sum"].get(name, 0.0) + value.item() * len(x)
+                for name, value in used.items():
+                    partial["weight_sum"][name] = partial["weight_sum"].get(name, 0.0) + float(value) * len(x)
+                partial["count"] += len(x)
+                if show:
+                    bar.set_postfix({n: f"{l.item():.3f}" for n, l in losses.items()})
+                if stop:
+                    state["seconds"] += time.perf_counter() - started
+                    save_state(last)
+                    raise Interrupted(
+                        f"interrupted at epoch {epoch + 1}, step {state['step']}; state saved to {last}. "
+                        f"Resume with: taskloom train {run_dir / 'config.yaml'} --run-dir {run_dir} --resume"
+                    )
+            bar.close()
+            val, val_loss = evaluate(model, data.val, tasks, batch_size=eval_batch_size,
+                                     num_workers=num_workers, device=device)
+            score = selection_score(train.select, tasks, val, val_loss, weights)
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+            scheduler.step(score) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+            mean = lambda sums: {n: s / max(partial["count"], 1) for n, s in sums.items()}
+            train_loss = mean(partial["loss_sum"])
+            weighting.epoch_end(train_loss)
+            state["seconds"] += time.perf_counter() - started
+            improved = score > state["best_score"]
+            state.update(epoch=epoch + 1, step=0, partial=_empty_partial())
+            if improved:
+                state.update(best_score=score, best_epoch=epoch + 1)
+            record = {"epoch": epoch + 1, "lr": lrs, "train_loss": train_loss, "task_weights": mean(partial["weight_sum"]),
+                      "penalty": mean(partial["penalty_sum"]), "val_loss": val_loss,
+                      "val": val, "score": score, "seconds": round(state["seconds"], 3)}
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if improved:
+                save_state(ckpt_dir / "best.pt", with_optimizer=False)
+            save_state(last)
+            summary = "  ".join(f"{t.name} {t.primary} {val[t.name][t.primary]:.4f}" for t in tasks)
+            log(f"epoch {epoch + 1}/{train.epochs}  loss {sum(weights[n] * v for n, v in train_loss.items()):.4f}  "
+                f"val: {summary}  ({time.perf_counter() - started:.1f}s)")
+
+    best = checkpoint.load(ckpt_dir / "best.pt")
+    model.load_state_dict(best["model"])
+    test, _ = evaluate(model, data.test, tasks, batch_size=eval_batch_size, num_workers=num_workers, device=device)
+    final = {"tasks": test, "params": count_parameters(model), "seconds": round(state["seconds"], 3),
+             "config": str(run_dir / "config.yaml") if config is not None else None,
+             "split": "test", "best_epoch": state["best_epoch"], "checkpoint": str(ckpt_dir / "best.pt")}
+    (run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
+    return final
+
+
+def _empty_partial() -> dict[str, Any]:
+    """Running sums of the epoch in progress (checkpointed for mid-epoch resume)."""
+    return {"loss_sum": {}, "penalty_sum": {}, "weight_sum": {}, "count": 0}
+
+
+def _truncate_log(path: Path, epochs_done: int) -> None:
+    """Drop log lines of epochs after the checkpoint (written before a crash)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def run(config: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False, log=lambda *a: print(*a, flush=True)) -> dict[str, Any]:
+    """Build the data and model a config describes and :func:`fit` them (what ``taskloom train`` does)."""
+    from taskloom.data import build_data
+    from taskloom.models import build_model
+
+    torch.manual_seed(config.seed)
+    data = build_data(config.data)
+    model = build_model(config.model.architecture, config.model.backbone, data.tasks, data.input_shape)
+    log(f"{config.model.architecture.name} on {config.data.name}: {len(data.tasks)} tasks "
+        f"({', '.join(t.name for t in data.tasks)}), {count_parameters(model):,} parameters, "
+        f"{len(data.train):,} / {len(data.val):,} / {len(data.test):,} train / val / test samples")
+    return fit(model, data, config.train, run_dir, config=config, seed=config.seed,
+               batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
+               num_workers=config.data.num_workers, resume=resume, force=force, log=log)

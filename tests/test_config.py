@@ -1,0 +1,96 @@
+from pathlib import Path
+
+import pytest
+
+from taskloom import config as cfg
+from taskloom.errors import ConfigError
+from taskloom.models import CrossStitchOptions, SplitOptions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_embedded_cross_stitch_run():
+    c = cfg.load()
+    assert c.data.name == "multimnist" and c.model.backbone.name == "lenet"
+    assert isinstance(c.model.architecture, CrossStitchOptions)
+    assert c.train.groups.fusion.lr_mult == 100 and c.train.groups.fusion.weight_decay == 0
+
+
+def test_shipped_default_config_equals_the_built_in_default():
+    assert cfg.to_dict(cfg.load(REPO / "configs/multimnist/cross_stitch.yaml")) == cfg.to_dict(cfg.load())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg.load(path)
+
+
+def test_unknown_key_names_file_line_and_suggestion(tmp_path):
+    path = write(tmp_path, "seed: 1\ntrain:\n  epochs: 2\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        cfg.load(path)
+    message = str(err.value)
+    assert f"{path}, line 4: train.learning_rate: unknown key" in message
+    assert "valid keys here:" in message and "lr" in message
+
+
+def test_typo_suggests_the_closest_key(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'epochs'"):
+        cfg.load(write(tmp_path, "train:\n  epoch: 2\n"))
+
+
+def test_wrong_type_and_bad_choice(tmp_path):
+    with pytest.raises(ConfigError, match=r"line 2: train.epochs: expected an integer, got 'ten'"):
+        cfg.load(write(tmp_path, "train:\n  epochs: ten\n"))
+    with pytest.raises(ConfigError, match=r"granularity: 'chanel' is not one of 'channel' \| 'layer' \(did you mean 'channel'\?\)"):
+        cfg.load(write(tmp_path, "model:\n  architecture:\n    name: cross_stitch\n    granularity: chanel\n"))
+    with pytest.raises(ConfigError, match="unknown architecture 'cross_stich'.*did you mean 'cross_stitch'"):
+        cfg.load(write(tmp_path, "model:\n  architecture: cross_stich\n"))
+    with pytest.raises(ConfigError, match="expected true or false"):
+        cfg.load(write(tmp_path, "train:\n  deterministic: 1\n"))
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="line 2: not valid YAML"):
+        cfg.load(write(tmp_path, "seed: 1\ntrain: epochs: 2\n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        cfg.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping of config keys"):
+        cfg.load(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_overrides_and_shorthand(tmp_path):
+    c = cfg.load(None, ["model.architecture=split@2", "train.lr=0.5", "data.train_pairs=100"])
+    assert isinstance(c.model.architecture, SplitOptions) and c.model.architecture.at == 2
+    assert c.train.lr == 0.5 and c.data.train_pairs == 100 and c.data.name == "multimnist"
+    c = cfg.load(write(tmp_path, "model:\n  architecture: cross_stitch\n"), ["model.architecture.granularity=layer"])
+    assert c.model.architecture.granularity == "layer"
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        cfg.load(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        cfg.load(None, ["train.lr=fast"])
+
+
+def test_dump_round_trips(tmp_path):
+    c = cfg.load(None, ["model.architecture=split@1", "train.loss_weights={left: 2.0}", "seed=3"])
+    cfg.dump(c, tmp_path / "r.yaml")
+    assert cfg.load(tmp_path / "r.yaml") == c
+
+
+def test_cross_field_checks_name_the_section(tmp_path):
+    with pytest.raises(ConfigError, match="data: val_fraction and test_fraction"):
+        cfg.load(None, ["data.test_fraction=0.95"])
+    with pytest.raises(ConfigError, match="members must be at least 1"):
+        cfg.load(None, ["model.architecture={name: ensemble, members: 0}"])
+
+
+def test_diff_lists_changed_keys():
+    a = cfg.to_dict(cfg.load())
+    b = cfg.to_dict(cfg.load(None, ["train.lr=0.1", "model.architecture.alpha_same=0.5"]))
+    assert cfg.diff(a, b) == ["model.architecture.alpha_same", "train.lr"]
