@@ -48,7 +48,34 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", help="folder of the dataset's files (overrides the saved data.root)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="device")
     ev.add_argument("--output", help="where to write the JSON record (default: RUN_DIR/eval_<split>.json)")
+    train.set_defaults(func=_train)
+    ev.set_defaults(func=_eval)
+    for name in EXTENSIONS:
+        _extension(name).register_cli(sub)
     return parser
+
+
+# Modules that add subcommands: each defines ``register_cli(subparsers)``, which adds its parser
+# and sets ``func`` (called with the parsed args, returning the exit status). Modules import
+# their heavy dependencies inside ``func`` so that ``taskloom --help`` stays fast.
+EXTENSIONS = ("taskloom.inspect", "taskloom.data.check", "taskloom.compare")
+
+
+def _extension(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return _Missing
+        raise
+
+
+class _Missing:
+    @staticmethod
+    def register_cli(sub) -> None:
+        """Not installed yet."""
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -119,7 +146,7 @@ def _print_final(final: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval}[args.command](args)
+        return args.func(args)
     except TaskloomError as exc:
         print(f"taskloom: error: {exc}", file=sys.stderr)
         return 130 if type(exc).__name__ == "Interrupted" else 2
