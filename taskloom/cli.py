@@ -101,26 +101,10 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from taskloom import checkpoint, config as cfg
-    from taskloom.data import build_data
-    from taskloom.errors import CheckpointError
-    from taskloom.models import build_model
-    from taskloom.train import count_parameters, evaluate, resolve_device
+    from taskloom.train import count_parameters, evaluate, load_run, resolve_device
 
     path = Path(args.checkpoint)
-    payload = checkpoint.load(path)
-    if payload.get("config") is None:
-        raise CheckpointError(f"{path}: saved without a config (Python API); load its 'model' state dict yourself")
-    raw = payload["config"]
-    if args.data_root:
-        raw["data"]["root"] = args.data_root
-    config = cfg.from_dict(raw, source=f"{path} (saved config)")
-    data = build_data(config.data)
-    model = build_model(config.model.architecture, config.model.backbone, data.tasks, data.input_shape)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the saved config's model ({exc})") from None
+    model, config, payload, data = load_run(path, args.data_root)
     device = resolve_device(args.device)
     model.to(device)
     with torch.no_grad():
@@ -144,7 +128,15 @@ def _print_final(final: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after flags (`train cfg.yaml --epochs 3 train.lr=0.1`): argparse stops
+    # collecting positionals at the first flag, so pick up the KEY=VALUE leftovers here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except TaskloomError as exc:

@@ -29,6 +29,7 @@ from taskloom.backbones import BackboneOptions, LeNetOptions
 from taskloom.data import DataOptions
 from taskloom.data.multimnist import MultiMNISTOptions
 from taskloom.weighting import FixedOptions, WeightingOptions
+from taskloom.regularizers import RegularizerOptions
 
 
 @dataclasses.dataclass
@@ -101,8 +102,30 @@ class TrainConfig:
     deterministic: bool = True
     """Use deterministic algorithms (exact resume on CPU)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal[32, "bf16", "16-mixed"] = 32
+    """32: float32; ``bf16``: bfloat16 autocast; ``16-mixed``: float16 autocast with loss scaling.
+    Parameters (the mixers' included) stay float32 in every mode."""
     progress: bool = True
     """Show a progress bar when writing to a terminal."""
+    threads: int | None = None
+    """CPU threads for PyTorch (``null``: PyTorch's default, one per core). Set 1 when several
+    runs share the cores: oversubscribed threads can make a step several times slower."""
+    checkpoint_towers: bool = False
+    """Activation checkpointing of the task towers' stages: their activations are recomputed in
+    the backward pass (less peak memory, about one more forward of the towers per step)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (``RUN_DIR/tensorboard``): per-task losses and metrics, learning
+    rates per parameter group, histograms of mixing weights. Needs ``pip install tensorboard``."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("weight_decay must be >= 0 and momentum in [0, 1)")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
 
 
 @dataclasses.dataclass
@@ -111,6 +134,24 @@ class ModelConfig:
 
     backbone: BackboneOptions = dataclasses.field(default_factory=LeNetOptions)
     architecture: ArchOptions = dataclasses.field(default_factory=CrossStitchOptions)
+    batched_towers: Literal["auto", "on", "off"] = "off"
+    """Run the K towers of a stage as one batched computation (``torch.vmap`` over the stacked
+    tower parameters; same numbers, same parameters and checkpoints): ``off`` (a loop over the
+    towers), ``on`` (wherever supported: towers without BatchNorm), ``auto`` (conv-only stages
+    with K >= 3, measured faster on CPU; see benchmarks/README.md)."""
+    regularizer: RegularizerOptions | None = None
+    """Tower-weight regulariser between corresponding tower weights (REFERENCE §4);
+    ``null``: none. For example ``{kind: affine_exp, weight: 1.0}``."""
+
+
+@dataclasses.dataclass
+class InitOptions:
+    """Weights to start from (applied after the model is built, before training)."""
+
+    towers: dict[str, str] = dataclasses.field(default_factory=dict)
+    """``task: checkpoint`` — copy that checkpoint's tower of the task (typically a ``single``
+    run) into this model's tower of the task, stage by stage (and the head when it fits):
+    ``init.towers.left=runs/single/checkpoints/best.pt``."""
 
 
 @dataclasses.dataclass
@@ -121,6 +162,7 @@ class Config:
     data: DataOptions = dataclasses.field(default_factory=MultiMNISTOptions)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    init: InitOptions = dataclasses.field(default_factory=InitOptions)
 
 
 # --------------------------------------------------------------------------- validation

@@ -3,6 +3,14 @@
 A :class:`Task` knows how to build its output head on top of a feature map of a given shape,
 its loss, its metrics and, for each metric, whether higher is better (needed for delta_m and
 model selection). New task kinds subclass :class:`Task` and register in :data:`TASK_KINDS`.
+
+**Missing targets** (partially labelled data). Any sample may lack the target of any task; one
+convention per kind marks it: ``classification`` and ``binary``: a negative label (``-1``);
+``regression``, ``ordinal_expectation`` and ``landmarks``: ``NaN`` (any NaN coordinate marks the
+whole sample). Dense kinds keep their per-pixel conventions (``ignore_index``, zero normals,
+zero depth). Losses average over the labelled samples only and are exactly 0 (with a graph)
+when a batch has none; :meth:`Task.labelled` gives the per-sample mask the evaluator uses to
+update metrics with labelled samples only and to count them.
 """
 from __future__ import annotations
 
@@ -42,6 +50,16 @@ class Task:
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def labelled(self, target: Tensor) -> Tensor:
+        """Boolean mask ``(N,)`` of the samples whose target is present (see the module
+        docstring for each kind's "missing" marker). Default: every sample is labelled."""
+        return torch.ones(len(target), dtype=torch.bool, device=target.device)
+
+    def missing_like(self, target: Tensor) -> Tensor:
+        """A target of the same shape as ``target`` (one sample or a batch) marked "missing"
+        (default ``NaN``, float). Used to drop labels and to mix datasets."""
+        return torch.full(target.shape, float("nan"), dtype=target.dtype if target.is_floating_point() else torch.float32)
+
     def metrics(self) -> torchmetrics.MetricCollection:
         """A fresh collection of this task's metrics (synced across processes by torchmetrics)."""
         raise NotImplementedError
@@ -56,6 +74,18 @@ class Task:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def _no_label_loss(output: Tensor) -> Tensor:
+    """Exactly 0, connected to the graph: a batch without any label of a task."""
+    return output.sum() * 0.0
+
+
+def _nan_mask(target: Tensor) -> Tensor:
+    """Samples without NaN in their target (float targets; integer targets are all present)."""
+    if not target.is_floating_point():
+        return torch.ones(len(target), dtype=torch.bool, device=target.device)
+    return ~torch.isnan(target.reshape(len(target), -1)).any(1)
 
 
 class _FlatLinear(nn.Module):
@@ -88,8 +118,18 @@ class ClassificationTask(Task):
     def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
         return _FlatLinear(feature_shape, self.num_classes)
 
+    def labelled(self, target: Tensor) -> Tensor:
+        """Labels ``< 0`` (``-1``) are missing."""
+        return target.reshape(len(target)) >= 0
+
+    def missing_like(self, target: Tensor) -> Tensor:
+        return torch.full(target.shape, -1, dtype=torch.int64)
+
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output, target)
+        target = target.long()
+        if not (target >= 0).any():
+            return _no_label_loss(output)
+        return F.cross_entropy(output, target.clamp_min(-1), ignore_index=-1)
 
     def combine(self, outputs: list[Tensor]) -> Tensor:
         # Average the members' probabilities (not logits); log keeps argmax and CE meaningful.
@@ -109,6 +149,411 @@ class ClassificationTask(Task):
         if k > 5:
             collection["top5"] = MulticlassAccuracy(k, top_k=5, average="micro")
         return torchmetrics.MetricCollection(collection)
+
+
+class _Affine(nn.Module):
+    """``offset + scale * x`` with fixed (non-learned) offset and scale, saved in the state dict."""
+
+    def __init__(self, offset: float | Tensor, scale: float | Tensor):
+        super().__init__()
+        self.register_buffer("offset", torch.as_tensor(offset, dtype=torch.float32).clone())
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.offset + self.scale * x
+
+
+@register_task_kind
+class BinaryTask(Task):
+    """``num_labels`` independent binary labels (1: plain binary; > 1: multilabel).
+
+    Output: logits ``(N,)`` for one label, ``(N, num_labels)`` otherwise; targets 0/1 of the same
+    shape (any dtype). Loss: binary cross-entropy with logits, mean over labels. Metrics
+    (torchmetrics): ``accuracy`` at probability 0.5 (micro over labels) and ``average_precision``
+    (macro mean over labels for multilabel)."""
+
+    kind = "binary"
+    primary = "accuracy"
+    higher_is_better = {"accuracy": True, "average_precision": True}
+
+    def __init__(self, name: str, num_labels: int = 1):
+        super().__init__(name)
+        if num_labels < 1:
+            raise ValueError(f"task {name!r}: num_labels must be at least 1")
+        self.num_labels = num_labels
+
+    def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
+        head = _FlatLinear(feature_shape, self.num_labels)
+        return nn.Sequential(head, nn.Flatten(0)) if self.num_labels == 1 else head
+
+    def labelled(self, target: Tensor) -> Tensor:
+        """A sample counts as labelled when any of its labels is present (``>= 0``); missing
+        labels of a partly labelled multilabel sample are ignored by loss and metrics."""
+        return (target.reshape(len(target), -1) >= 0).any(1)
+
+    def missing_like(self, target: Tensor) -> Tensor:
+        return torch.full(target.shape, -1, dtype=target.dtype if target.is_floating_point() else torch.int64)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        target = target.to(output.dtype).reshape(output.shape)
+        present = target >= 0
+        if not present.any():
+            return _no_label_loss(output)
+        return F.binary_cross_entropy_with_logits(output[present], target[present])
+
+    def combine(self, outputs: list[Tensor]) -> Tensor:
+        p = torch.stack([o.sigmoid() for o in outputs]).mean(0).clamp(1e-7, 1 - 1e-7)
+        return p.log() - (-p).log1p()  # logit of the mean probability
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+
+        return torchmetrics.MetricCollection({
+            "accuracy": _BinaryWrap("accuracy", self.num_labels),
+            "average_precision": _BinaryWrap("average_precision", self.num_labels),
+        })
+
+
+def _BinaryWrap(which: str, num_labels: int):
+    """torchmetrics' binary / multilabel metric taking logits and 0/1 targets of any dtype."""
+    from torchmetrics.classification import (BinaryAccuracy, BinaryAveragePrecision, MultilabelAccuracy,
+                                             MultilabelAveragePrecision)
+
+    if num_labels == 1:
+        base = BinaryAccuracy if which == "accuracy" else BinaryAveragePrecision
+        kwargs = {"ignore_index": -1}
+    else:
+        base = MultilabelAccuracy if which == "accuracy" else MultilabelAveragePrecision
+        kwargs = {"num_labels": num_labels, "average": "micro" if which == "accuracy" else "macro",
+                  "ignore_index": -1}
+
+    class Wrapped(base):  # type: ignore[misc, valid-type]
+        def update(self, preds: Tensor, target: Tensor) -> None:
+            super().update(preds.sigmoid().reshape(target.shape), target.long())
+
+    Wrapped.__name__ = base.__name__
+    return Wrapped(**kwargs)
+
+
+@register_task_kind
+class RegressionTask(Task):
+    """Real-valued targets (``dims`` per sample; output ``(N,)`` when ``dims == 1``).
+
+    The head predicts ``mean + scale * linear(features)`` so that targets far from 0 (ages) start
+    near their typical value; ``mean`` and ``scale`` are fixed (set by the dataset). Loss ``mse``
+    or ``l1``; metrics (torchmetrics) ``mae`` and ``rmse``, both lower-is-better."""
+
+    kind = "regression"
+    primary = "mae"
+    higher_is_better = {"mae": False, "rmse": False}
+
+    def __init__(self, name: str, dims: int = 1, loss: str = "l1", mean: float = 0.0, scale: float = 1.0):
+        super().__init__(name)
+        if loss not in ("mse", "l1"):
+            raise ValueError(f"task {name!r}: loss must be 'mse' or 'l1', got {loss!r}")
+        self.dims, self.loss_name, self.mean, self.scale = dims, loss, mean, scale
+
+    def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
+        layers = [_FlatLinear(feature_shape, self.dims), _Affine(self.mean, self.scale)]
+        if self.dims == 1:
+            layers.append(nn.Flatten(0))
+        return nn.Sequential(*layers)
+
+    def labelled(self, target: Tensor) -> Tensor:
+        """``NaN`` targets are missing."""
+        return _nan_mask(target)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        target = target.to(output.dtype).reshape(output.shape)
+        keep = _nan_mask(target)
+        if not keep.any():
+            return _no_label_loss(output)
+        output, target = output[keep], target[keep]
+        return F.l1_loss(output, target) if self.loss_name == "l1" else F.mse_loss(output, target)
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+
+        return torchmetrics.MetricCollection({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False)})
+
+
+class _Expectation(nn.Module):
+    """Logits -> expected value over the bin values (for metrics)."""
+
+    def __init__(self, values: Tensor):
+        super().__init__()
+        self.values = values
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return logits.softmax(-1) @ self.values.to(logits.device, logits.dtype)
+
+
+@register_task_kind
+class OrdinalExpectationTask(Task):
+    """NDDR's (after DEX) age recipe: an N-way softmax over the integer values ``low..high``
+    trained with cross-entropy on the (rounded, clipped) target; the prediction is the expected
+    value ``sum_k p_k * value_k``. Output: logits ``(N, high - low + 1)``; target: real values
+    ``(N,)``. Metrics: ``mae`` (torchmetrics) and ``median_ae`` of the expected value."""
+
+    kind = "ordinal_expectation"
+    primary = "mae"
+    higher_is_better = {"mae": False, "median_ae": False}
+
+    def __init__(self, name: str, low: int = 0, high: int = 100):
+        super().__init__(name)
+        if high <= low:
+            raise ValueError(f"task {name!r}: high ({high}) must exceed low ({low})")
+        self.low, self.high = int(low), int(high)
+        self.values = torch.arange(self.low, self.high + 1, dtype=torch.float32)
+
+    @property
+    def num_bins(self) -> int:
+        return self.high - self.low + 1
+
+    def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
+        return _FlatLinear(feature_shape, self.num_bins)
+
+    def target_bins(self, target: Tensor) -> Tensor:
+        return (target.round().long().clamp(self.low, self.high) - self.low).reshape(-1)
+
+    def labelled(self, target: Tensor) -> Tensor:
+        """``NaN`` targets are missing."""
+        return _nan_mask(target)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        keep = _nan_mask(target)
+        if not keep.any():
+            return _no_label_loss(output)
+        return F.cross_entropy(output[keep], self.target_bins(target.reshape(len(target))[keep]))
+
+    def predict(self, output: Tensor) -> Tensor:
+        """The expected value of each row of logits."""
+        return _Expectation(self.values)(output)
+
+    def combine(self, outputs: list[Tensor]) -> Tensor:
+        probs = torch.stack([o.softmax(-1) for o in outputs]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+        from torchmetrics.regression import MeanAbsoluteError
+
+        from taskloom.metrics import MedianAbsoluteError
+
+        expect = _Expectation(self.values)
+
+        class _OnExpectation:
+            def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
+                super().update(expect(preds), target.to(torch.float32).reshape(-1))
+
+        mae = type("ExpectedMAE", (_OnExpectation, MeanAbsoluteError), {})()
+        med = type("ExpectedMedianAE", (_OnExpectation, MedianAbsoluteError), {})(max_error=float(self.high - self.low) + 1)
+        return torchmetrics.MetricCollection({"mae": mae, "median_ae": med})
+
+
+class _LandmarkHead(nn.Module):
+    def __init__(self, feature_shape: tuple[int, ...], num_landmarks: int, offset: float):
+        super().__init__()
+        self.linear = _FlatLinear(feature_shape, 2 * num_landmarks)
+        self.num_landmarks, self.offset = num_landmarks, offset
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).reshape(len(x), self.num_landmarks, 2) + self.offset
+
+
+@register_task_kind
+class LandmarkTask(Task):
+    """L 2-D points. Output and target ``(N, L, 2)`` as ``(x, y)`` in face-box coordinates
+    normalised to ``[0, 1]`` (box width 1); the head predicts offsets from the box centre.
+    Loss: squared Euclidean error summed over the 2L coordinates, averaged over images
+    (TCDCN's ``||y - f(x)||^2``). Metrics (:class:`~taskloom.metrics.LandmarkErrors`): errors
+    normalised by the inter-ocular distance (failure above ``iod_threshold``, 10%) and by the box
+    width (failure above ``box_threshold``, 5%), mean and per landmark (order :attr:`names`)."""
+
+    kind = "landmarks"
+    primary = "mean_error_iod"
+    higher_is_better = {
+        "mean_error_iod": False, "failure_iod": False, "failure_image_iod": False,
+        "mean_error_box": False, "failure_box": False, "failure_image_box": False,
+    }
+    """Scalar metrics only; the per-landmark vectors (``error_iod_per_landmark``, ...) are
+    reported but not selectable."""
+
+    def __init__(self, name: str, num_landmarks: int = 5, names: list[str] | tuple[str, ...] | None = None,
+                 eyes: tuple[int, int] = (0, 1), iod_threshold: float = 0.10, box_threshold: float = 0.05):
+        super().__init__(name)
+        from taskloom.metrics import names_or_default
+
+        self.num_landmarks = num_landmarks
+        self.names = names_or_default(names, num_landmarks)
+        if len(self.names) != num_landmarks:
+            raise ValueError(f"task {name!r}: {len(self.names)} names for {num_landmarks} landmarks")
+        self.eyes, self.iod_threshold, self.box_threshold = tuple(eyes), iod_threshold, box_threshold
+
+    def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
+        return _LandmarkHead(feature_shape, self.num_landmarks, 0.5)
+
+    def labelled(self, target: Tensor) -> Tensor:
+        """A sample with any ``NaN`` coordinate is missing."""
+        return _nan_mask(target)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        keep = _nan_mask(target)
+        if not keep.any():
+            return _no_label_loss(output)
+        diff = output.reshape(len(output), -1)[keep] - target.to(output.dtype).reshape(len(target), -1)[keep]
+        return diff.pow(2).sum(1).mean()
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+
+        from taskloom.metrics import LandmarkErrors
+
+        return torchmetrics.MetricCollection({"landmarks": LandmarkErrors(
+            self.num_landmarks, self.eyes, 1.0, self.iod_threshold, self.box_threshold)})
+
+
+# --------------------------------------------------------------------------- dense tasks
+
+
+class DenseHead(nn.Module):
+    """FCN-style head: 3x3 conv + BN + ReLU, 1x1 conv to ``out_channels``, bilinear upsampling to
+    ``output_size``. Works on the last stage of any backbone whose output is a feature map."""
+
+    def __init__(self, feature_shape: tuple[int, ...], out_channels: int, output_size: tuple[int, int],
+                 hidden: int | None = None):
+        super().__init__()
+        if len(feature_shape) != 3:
+            raise ValueError(
+                f"a dense (per-pixel) head needs a spatial feature map (C, H, W), got features of shape "
+                f"{feature_shape}; use a backbone whose last stage is convolutional"
+            )
+        c = feature_shape[0]
+        hidden = hidden or max(32, min(256, c))
+        self.body = nn.Sequential(nn.Conv2d(c, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
+                                  nn.ReLU(inplace=True), nn.Conv2d(hidden, out_channels, 1))
+        self.output_size = tuple(output_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(self.body(x), size=self.output_size, mode="bilinear", align_corners=False)
+
+
+class _DenseTask(Task):
+    """A per-pixel task; the dataset sets :attr:`output_size` ``(H, W)`` (the head upsamples to it)."""
+
+    out_channels: ClassVar[int] = 1
+
+    def __init__(self, name: str, output_size: tuple[int, int] | None = None):
+        super().__init__(name)
+        self.output_size = tuple(output_size) if output_size is not None else None
+
+    def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
+        if self.output_size is None:
+            raise ValueError(f"task {self.name!r}: output_size (H, W) must be set before building the head")
+        return DenseHead(feature_shape, self.out_channels, self.output_size)
+
+
+@register_task_kind
+class SegmentationTask(_DenseTask):
+    """Semantic segmentation: logits ``(N, C, H, W)``, target labels ``(N, H, W)`` with
+    ``ignore_index`` for unlabelled pixels. Per-pixel cross-entropy ignoring those pixels.
+    Metrics (from one torchmetrics confusion matrix): ``miou``, ``pixel_accuracy``, ``fwiou``."""
+
+    kind = "segmentation"
+    primary = "miou"
+    higher_is_better = {"miou": True, "pixel_accuracy": True, "fwiou": True}
+
+    def __init__(self, name: str, num_classes: int, ignore_index: int = -1, output_size: tuple[int, int] | None = None):
+        super().__init__(name, output_size)
+        if num_classes < 2:
+            raise ValueError(f"task {name!r}: segmentation needs at least 2 classes")
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.out_channels = num_classes  # type: ignore[misc]
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        target = target.long()
+        if not (target != self.ignore_index).any():
+            return output.sum() * 0.0  # an all-unlabelled batch: no signal, not NaN
+        return F.cross_entropy(output, target, ignore_index=self.ignore_index)
+
+    def combine(self, outputs: list[Tensor]) -> Tensor:
+        probs = torch.stack([o.softmax(1) for o in outputs]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+
+        from taskloom.metrics import ConfusionDerived
+
+        return torchmetrics.MetricCollection({
+            k: ConfusionDerived(self.num_classes, k, ignore_index=self.ignore_index)
+            for k in ("miou", "pixel_accuracy", "fwiou")
+        })
+
+
+@register_task_kind
+class NormalsTask(_DenseTask):
+    """Surface normals: output ``(N, 3, H, W)`` (normalised inside loss and metrics), target unit
+    vectors with zero-length vectors marking missing pixels (skipped). Loss ``cosine``
+    (1 - cos) or ``l2`` (squared distance between unit vectors), averaged over valid pixels.
+    Metrics: angle error ``mean_angle``, ``median_angle`` (degrees, lower is better) and percent of pixels
+    ``within_11.25`` / ``within_22.5`` / ``within_30`` degrees (higher is better)."""
+
+    kind = "normals"
+    primary = "mean_angle"
+    higher_is_better = {"mean_angle": False, "median_angle": False, "within_11.25": True, "within_22.5": True, "within_30": True}
+    out_channels = 3
+
+    def __init__(self, name: str, loss: str = "cosine", output_size: tuple[int, int] | None = None):
+        super().__init__(name, output_size)
+        if loss not in ("cosine", "l2"):
+            raise ValueError(f"task {name!r}: normals loss must be 'cosine' or 'l2', got {loss!r}")
+        self.loss_name = loss
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        target = target.to(output.dtype)
+        valid = target.norm(dim=1) > 0
+        if not valid.any():
+            return output.sum() * 0.0
+        p, t = F.normalize(output, dim=1), F.normalize(target, dim=1)
+        if self.loss_name == "cosine":
+            per_pixel = 1.0 - (p * t).sum(1)
+        else:
+            per_pixel = (p - t).pow(2).sum(1)
+        return per_pixel[valid].mean()
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+
+        from taskloom.metrics import AngleErrors
+
+        return torchmetrics.MetricCollection({"angle": AngleErrors()})
+
+
+@register_task_kind
+class DepthTask(_DenseTask):
+    """Depth: output ``(N, 1, H, W)``, target ``(N, 1, H, W)`` (or ``(N, H, W)``) with 0 marking
+    missing depth. Loss: L1 over valid pixels. Metrics: ``abs_error``, ``rel_error``."""
+
+    kind = "depth"
+    primary = "abs_error"
+    higher_is_better = {"abs_error": False, "rel_error": False}
+    out_channels = 1
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        target = target.to(output.dtype).reshape(output.shape)
+        valid = target > 0
+        if not valid.any():
+            return output.sum() * 0.0
+        return (output - target).abs()[valid].mean()
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics
+
+        from taskloom.metrics import DepthErrors
+
+        return torchmetrics.MetricCollection({"depth": DepthErrors()})
 
 
 def primary_score(task: Task, values: dict[str, float | list[float]]) -> float:

@@ -8,6 +8,7 @@ as an uninterrupted run, also after an interrupt in the middle of an epoch).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from taskloom import checkpoint
-from taskloom.config import Config, ScheduleOptions, TrainConfig, diff, to_dict
+from taskloom import checkpoint, distributed
+from taskloom.config import Config, ScheduleOptions, TrainConfig, diff, dump, to_dict
 from taskloom.data import DataBundle
 from taskloom.errors import ConfigError, TaskloomError
 from taskloom.models import parameter_kinds
@@ -30,7 +31,8 @@ from taskloom.tasks import Task, primary_score
 from taskloom.weighting import build_weighting
 
 # Keys that may differ between a run and its resumption without changing the result.
-RESUME_SAFE_KEYS = {"train.device", "train.progress", "data.num_workers", "data.root", "data.eval_batch_size"}
+RESUME_SAFE_KEYS = {"train.device", "train.progress", "train.threads", "train.tensorboard", "data.num_workers", "data.root",
+                    "data.eval_batch_size"}
 
 
 class TrainingError(TaskloomError):
@@ -116,26 +118,80 @@ def _to(batch: Any, device: torch.device) -> Any:
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: Dataset, tasks: list[Task], *, batch_size: int = 512,
-    num_workers: int = 0, device: torch.device | str = "cpu",
+    num_workers: int = 0, device: torch.device | str = "cpu", precision: Precision | None = None,
+    ctx: distributed.Context | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """Metrics ``{task: {metric: value}}`` and mean loss ``{task: loss}`` of ``model`` on ``dataset``."""
+    """Metrics ``{task: {metric: value}}`` and mean loss ``{task: loss}`` of ``model`` on ``dataset``.
+
+    Under torchrun each rank evaluates every ``world``-th sample and torchmetrics syncs the
+    metric states, so the result is that of the whole split on every rank.
+    """
     device = torch.device(device)
+    ctx = ctx or distributed.Context()
+    precision = precision or Precision(32, device)
     model.eval()
     metrics = {t.name: t.metrics().to(device) for t in tasks}
     loss_sum = {t.name: 0.0 for t in tasks}
+    labelled = {t.name: 0 for t in tasks}  # samples with this task's target (partial labels)
     count = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+    indices = ctx.shard(list(range(len(dataset))))
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    for x, y in DataLoader(dataset, batch_sampler=batches, num_workers=num_workers):
         x, y = _to(x, device), _to(y, device)
-        out = model(x)
-        for name, loss in model.loss_terms(out, y).items():
-            loss_sum[name] += float(loss) * len(x)
+        with precision.autocast():
+            out = model(x)
+            losses = model.loss_terms(out, y)
+        out = {k: v.float() for k, v in out.items()}
         for t in tasks:
-            metrics[t.name].update(out[t.name], y[t.name])
+            mask = t.labelled(y[t.name])
+            n = int(mask.sum())
+            loss_sum[t.name] += float(losses[t.name]) * n  # the loss is a mean over labelled samples
+            labelled[t.name] += n
+            if n == len(mask):
+                metrics[t.name].update(out[t.name], y[t.name])
+            elif n:
+                metrics[t.name].update(out[t.name][mask], y[t.name][mask])
         count += len(x)
-    results = {t.name: t.summarize(metrics[t.name].compute()) for t in tasks}
+    names = [t.name for t in tasks]
+    totals = ctx.sum([loss_sum[n] for n in names] + [float(labelled[n]) for n in names] + [float(count)])
+    counts = {n: int(c) for n, c in zip(names, totals[len(names):-1])}
+    results = {}
     for t in tasks:
-        results[t.name]["count"] = count
-    return results, {k: v / max(count, 1) for k, v in loss_sum.items()}
+        # A task without any labelled sample has no metric values (NaN), not a crash.
+        results[t.name] = t.summarize(metrics[t.name].compute()) if counts[t.name] else \
+            {m: float("nan") for m in t.higher_is_better}
+        results[t.name]["count"] = counts[t.name]
+    return results, {n: v / max(counts[n], 1) for n, v in zip(names, totals)}
+
+
+class Precision:
+    """``train.precision``: 32 (float32), ``bf16`` (bfloat16 autocast) or ``16-mixed`` (float16
+    autocast with dynamic loss scaling). Parameters, mixers' included, stay float32: autocast
+    only changes the dtype ops compute in."""
+
+    def __init__(self, mode: Any, device: torch.device):
+        self.mode, self.device = mode, device
+        self.dtype = {"bf16": torch.bfloat16, "16-mixed": torch.float16}.get(mode)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=mode == "16-mixed")
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def backward(self, weighting: Any, losses: dict, penalties: dict, model: nn.Module) -> dict[str, float]:
+        if self.scaler.is_enabled():  # scale() (re)initialises the scaler's state for this step
+            weighting.loss_scale = self.scaler.scale(torch.ones((), device=self.device))
+        else:
+            weighting.loss_scale = 1.0
+        return weighting.backward(losses, penalties, model)
+
+    def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, grad_clip: float | None) -> None:
+        if grad_clip is not None:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
 
 def selection_score(select: str, tasks: list[Task], metrics: dict, losses: dict, weights: dict) -> float:
@@ -218,17 +274,31 @@ def fit(
 
     Writes into ``run_dir``: ``config.yaml`` (when ``config`` is given), ``metrics.jsonl`` (one
     line per epoch), ``checkpoints/last.pt`` (every epoch and on interrupt), ``checkpoints/best.pt``
-    and ``final.json``.
+    and ``final.json``. Under ``torchrun`` every process trains its slice of each global batch
+    through DistributedDataParallel and only rank 0 writes.
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.pt"
     device = resolve_device(train.device)
+    ctx = distributed.setup(device.type)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+    if not ctx.is_main:
+        log = lambda *a: None  # noqa: E731
+    if ctx.enabled and train.weighting.name in ("gradnorm", "pcgrad"):
+        # Both take per-task gradients with torch.autograd.grad, which bypasses DDP's
+        # gradient all-reduce: ranks would silently diverge.
+        raise ConfigError(f"train.weighting: {train.weighting.name!r} is not supported under torchrun yet; "
+                          f"use fixed, uncertainty or dwa, or train on one process")
     tasks = list(model.tasks)
     check_select(train.select, tasks)
     unknown = sorted(set(train.loss_weights) - {t.name for t in tasks})
     if unknown:
         raise ConfigError(f"train.loss_weights: unknown tasks {unknown}; tasks are {[t.name for t in tasks]}")
     weights = {t.name: train.loss_weights.get(t.name, 1.0) for t in tasks}
+    if train.threads is not None:
+        torch.set_num_threads(train.threads)
     if train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -237,11 +307,11 @@ def fit(
     weighting = build_weighting(train.weighting, [t.name for t in tasks], weights).to(device)
     optimizer = build_optimizer(model, train, weighting)
     scheduler = build_scheduler(optimizer, train.schedule, train.epochs)
+    precision = Precision(train.precision, device)
     config_dict = to_dict(config) if config is not None else None
 
     state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "seconds": 0.0,
              "partial": _empty_partial()}
-    last = ckpt_dir / "last.pt"
     if resume and last.is_file():
         payload = checkpoint.load(last)
         if config_dict is not None and payload.get("config") is not None and not force:
@@ -267,32 +337,47 @@ def fit(
         raise ConfigError(
             f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose another --run-dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config is not None:
-        from taskloom.config import dump
-        dump(config, run_dir / "config.yaml")
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_log(metrics_path, state["epoch"])
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            dump(config, run_dir / "config.yaml")
+        _truncate_log(metrics_path, state["epoch"])
+    net = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save_state(path: Path, with_optimizer: bool = True) -> None:
+        if not ctx.is_main:
+            return
         payload = {"config": config_dict, "model": model.state_dict(), "weighting": weighting.state_dict(),
-                   "state": dict(state),
-                   "rng": {"torch": torch.get_rng_state()}, "params": count_parameters(model),
-                   "tasks": [t.name for t in tasks]}
+                   "state": dict(state), "rng": {"torch": torch.get_rng_state()},
+                   "params": count_parameters(model), "tasks": [t.name for t in tasks]}
         if with_optimizer:
             payload["optimizer"] = optimizer.state_dict()
             payload["scheduler"] = scheduler.state_dict()
         checkpoint.save(payload, path)
 
+    def evaluate_split(dataset: Dataset) -> tuple[dict, dict]:
+        return evaluate(model, dataset, tasks, batch_size=eval_batch_size, num_workers=num_workers,
+                        device=device, precision=precision, ctx=ctx)
+
+    writer = None
+    if getattr(train, "tensorboard", False) and ctx.is_main:
+        from taskloom.tracking import open_writer
+        writer = open_writer(run_dir)
+
     from tqdm import tqdm
 
-    show = train.progress and sys.stderr.isatty()
+    show = train.progress and sys.stderr.isatty() and ctx.is_main
     with _stop_requests() as stop:
         while state["epoch"] < train.epochs:
             epoch = state["epoch"]
             started = time.perf_counter()
-            model.train()
-            batches = _epoch_batches(len(data.train), batch_size, seed, epoch)
+            net.train()
+            batches = [ctx.shard(b) for b in _epoch_batches(len(data.train), batch_size, seed, epoch)]
             loader = DataLoader(data.train, batch_sampler=batches[state["step"]:], num_workers=num_workers,
                                 pin_memory=device.type == "cuda")
             partial = state["partial"]
@@ -300,20 +385,21 @@ def fit(
                        desc=f"epoch {epoch + 1}/{train.epochs}", leave=False, dynamic_ncols=True)
             for x, y in bar:
                 x, y = _to(x, device), _to(y, device)
-                losses = model.loss_terms(model(x), y)
-                for name, loss in losses.items():
-                    if not torch.isfinite(loss):
-                        good = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
-                        raise TrainingError(
-                            f"loss of task {name!r} is {loss.item()} at epoch {epoch + 1}, step {state['step'] + 1}; "
-                            f"stopping ({good}). Lower the learning rate or check the inputs"
-                        )
-                penalties = model.penalty() if hasattr(model, "penalty") else {}
+                with precision.autocast():
+                    losses = model.loss_terms(net(x), y)
+                    penalties = model.penalty() if hasattr(model, "penalty") else {}
+                bad = [name for name, loss in losses.items() if not torch.isfinite(loss)]
+                if ctx.any(bool(bad)):
+                    good = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
+                    name = bad[0] if bad else "?"
+                    value = losses[name].item() if bad else float("nan")
+                    raise TrainingError(
+                        f"loss of task {name!r} is {value} at epoch {epoch + 1}, step {state['step'] + 1}; "
+                        f"stopping ({good}). Lower the learning rate or check the inputs"
+                    )
                 optimizer.zero_grad(set_to_none=True)
-                used = weighting.backward(losses, penalties, model)
-                if train.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-                optimizer.step()
+                used = precision.backward(weighting, losses, penalties, model)
+                precision.step(optimizer, model, train.grad_clip)
                 state["step"] += 1
                 for name, loss in losses.items():
                     partial["loss_sum"][name] = partial["loss_sum"].get(name, 0.0) + loss.item() * len(x)
@@ -324,47 +410,71 @@ def fit(
                 partial["count"] += len(x)
                 if show:
                     bar.set_postfix({n: f"{l.item():.3f}" for n, l in losses.items()})
-                if stop:
+                if ctx.any(bool(stop)):
                     state["seconds"] += time.perf_counter() - started
                     save_state(last)
+                    ctx.barrier()
                     raise Interrupted(
                         f"interrupted at epoch {epoch + 1}, step {state['step']}; state saved to {last}. "
                         f"Resume with: taskloom train {run_dir / 'config.yaml'} --run-dir {run_dir} --resume"
                     )
             bar.close()
-            val, val_loss = evaluate(model, data.val, tasks, batch_size=eval_batch_size,
-                                     num_workers=num_workers, device=device)
+            val, val_loss = evaluate_split(data.val)
             score = selection_score(train.select, tasks, val, val_loss, weights)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            scheduler.step(score) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
-            mean = lambda sums: {n: s / max(partial["count"], 1) for n, s in sums.items()}
-            train_loss = mean(partial["loss_sum"])
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(score)
+            else:
+                scheduler.step()
+            train_loss = _mean_over_ranks(ctx, partial["loss_sum"], partial["count"])
             weighting.epoch_end(train_loss)
             state["seconds"] += time.perf_counter() - started
             improved = score > state["best_score"]
             state.update(epoch=epoch + 1, step=0, partial=_empty_partial())
             if improved:
                 state.update(best_score=score, best_epoch=epoch + 1)
-            record = {"epoch": epoch + 1, "lr": lrs, "train_loss": train_loss, "task_weights": mean(partial["weight_sum"]),
-                      "penalty": mean(partial["penalty_sum"]), "val_loss": val_loss,
-                      "val": val, "score": score, "seconds": round(state["seconds"], 3)}
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            record = {"epoch": epoch + 1, "lr": lrs, "train_loss": train_loss,
+                      "task_weights": _mean_over_ranks(ctx, partial["weight_sum"], partial["count"]),
+                      "penalty": _mean_over_ranks(ctx, partial["penalty_sum"], partial["count"]),
+                      "val_loss": val_loss, "val": val, "score": score, "seconds": round(state["seconds"], 3)}
+            if ctx.is_main:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    from taskloom.tracking import log_epoch
+                    log_epoch(writer, record, model)
             if improved:
                 save_state(ckpt_dir / "best.pt", with_optimizer=False)
             save_state(last)
+            ctx.barrier()
             summary = "  ".join(f"{t.name} {t.primary} {val[t.name][t.primary]:.4f}" for t in tasks)
             log(f"epoch {epoch + 1}/{train.epochs}  loss {sum(weights[n] * v for n, v in train_loss.items()):.4f}  "
                 f"val: {summary}  ({time.perf_counter() - started:.1f}s)")
 
+    if writer is not None:
+        writer.close()
     best = checkpoint.load(ckpt_dir / "best.pt")
     model.load_state_dict(best["model"])
-    test, _ = evaluate(model, data.test, tasks, batch_size=eval_batch_size, num_workers=num_workers, device=device)
+    test, _ = evaluate_split(data.test)
     final = {"tasks": test, "params": count_parameters(model), "seconds": round(state["seconds"], 3),
              "config": str(run_dir / "config.yaml") if config is not None else None,
-             "split": "test", "best_epoch": state["best_epoch"], "checkpoint": str(ckpt_dir / "best.pt")}
-    (run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
+             "split": "test", "best_epoch": state["best_epoch"], "checkpoint": str(ckpt_dir / "best.pt"),
+             "task_info": task_info(tasks)}
+    if ctx.is_main:
+        (run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
     return final
+
+
+def task_info(tasks: list[Task]) -> dict[str, dict[str, Any]]:
+    """Kind, primary metric and metric directions of each task (for delta_m in reports)."""
+    return {t.name: {"kind": t.kind, "primary": t.primary, "higher_is_better": dict(t.higher_is_better)}
+            for t in tasks}
+
+
+def _mean_over_ranks(ctx: distributed.Context, sums: dict[str, float], count: int) -> dict[str, float]:
+    names = sorted(sums)
+    totals = ctx.sum([sums[n] for n in names] + [float(count)])
+    return {n: s / max(totals[-1], 1.0) for n, s in zip(names, totals)}
 
 
 def _empty_partial() -> dict[str, Any]:
@@ -381,14 +491,49 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def run(config: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False, log=lambda *a: print(*a, flush=True)) -> dict[str, Any]:
-    """Build the data and model a config describes and :func:`fit` them (what ``taskloom train`` does)."""
+def build_experiment(config: Config, log=lambda *a: None) -> tuple[DataBundle, nn.Module]:
+    """The data and model a config describes: dataset, network, tower initialisation
+    (``init.towers``) and regulariser. Used by ``train``, ``eval`` and ``inspect`` alike."""
     from taskloom.data import build_data
     from taskloom.models import build_model
+    from taskloom.regularizers import attach_regularizer
 
-    torch.manual_seed(config.seed)
     data = build_data(config.data)
     model = build_model(config.model.architecture, config.model.backbone, data.tasks, data.input_shape)
+    if config.init.towers:  # (a resumed run then loads its own checkpoint over these)
+        from taskloom.models import init_towers
+        init_towers(model, config.init.towers, data.tasks, data.input_shape, log)
+    attach_regularizer(model, config.model.regularizer)  # model.penalty() then includes it
+    return data, model
+
+
+def load_run(path: str | Path, data_root: str | None = None) -> tuple[nn.Module, Config, dict[str, Any], DataBundle]:
+    """Rebuild a checkpoint's data and model from its saved config and load its weights."""
+    from taskloom.config import from_dict
+
+    path = Path(path)
+    payload = checkpoint.load(path)
+    if payload.get("config") is None:
+        raise checkpoint.CheckpointError(
+            f"{path}: saved without a config (Python API); load its 'model' state dict into your model yourself")
+    raw = payload["config"]
+    if data_root:
+        raw["data"]["root"] = data_root
+    config = from_dict(raw, source=f"{path} (saved config)")
+    config.init.towers = {}  # the checkpoint holds the trained weights
+    data, model = build_experiment(config)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise checkpoint.CheckpointError(f"{path}: weights do not match the saved config's model ({exc})") from None
+    return model.eval(), config, payload, data
+
+
+def run(config: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
+        log=lambda *a: print(*a, flush=True)) -> dict[str, Any]:
+    """Build the data and model a config describes and :func:`fit` them (what ``taskloom train`` does)."""
+    torch.manual_seed(config.seed)
+    data, model = build_experiment(config, log)
     log(f"{config.model.architecture.name} on {config.data.name}: {len(data.tasks)} tasks "
         f"({', '.join(t.name for t in data.tasks)}), {count_parameters(model):,} parameters, "
         f"{len(data.train):,} / {len(data.val):,} / {len(data.test):,} train / val / test samples")

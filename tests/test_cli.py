@@ -57,3 +57,18 @@ def test_help_explains_every_option(capsys):
     out = capsys.readouterr().out
     for flag in ("--epochs", "--seed", "--data-root", "--run-dir", "--device", "--resume", "--split"):
         assert flag in out
+
+
+def test_overrides_may_follow_flags(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", *TINY[:-2], "--run-dir", str(run), "train.lr=0.002"]) == 0
+    assert "lr: 0.002" in (run / "config.yaml").read_text()
+    with pytest.raises(SystemExit):
+        main(["train", "--run-dir", str(run), "--bogus-flag"])
+
+
+def test_eval_rebuilds_a_model_with_a_learned_regulariser(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--run-dir", str(run), "model.regularizer={kind: affine_exp, weight: 0.1}"]) == 0
+    assert main(["eval", str(run / "checkpoints" / "best.pt")]) == 0
+    assert json.loads((run / "eval_test.json").read_text())["tasks"] == json.loads((run / "final.json").read_text())["tasks"]

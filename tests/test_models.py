@@ -120,3 +120,105 @@ def test_ensemble_trains_members_separately_and_combines_probabilities():
     combined = model(x)["t1"].exp()
     expected = (model.members[0](x)["t1"].softmax(-1) + model.members[1](x)["t1"].softmax(-1)) / 2
     assert torch.allclose(combined, expected, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- penalties, optimiser groups, tower init
+
+from taskloom.models import NDDROptions, SluiceOptions, XResNetOptions, init_towers  # noqa: E402
+
+
+def test_penalty_collects_every_submodule_penalty():
+    model = build_model(SluiceOptions(orthogonality=0.5), LeNetOptions(), tasks(2), INPUT).train()
+
+    class Extra(nn.Module):
+        def penalty(self):
+            return {"extra": torch.tensor(2.0), "sluice_orthogonality": torch.tensor(1.0)}
+
+    model.extra = Extra()  # another engineer's regulariser plugs in the same way
+    model(torch.randn(2, *INPUT))
+    own = sum(u.penalty()["sluice_orthogonality"] for _, u in model.mixers())
+    penalty = model.penalty()
+    assert set(penalty) == {"extra", "sluice_orthogonality"}
+    assert torch.allclose(penalty["sluice_orthogonality"], own + 1.0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fusion_learning_rate_multiplier_and_weight_decay_by_measured_updates(optimizer):
+    # REFERENCE §7: a schedule that writes one rate into every group silently drops the x100.
+    from taskloom.config import GroupOptions, ParamGroups, ScheduleOptions, TrainConfig
+    from taskloom.train import build_optimizer, build_scheduler
+
+    model = build_model(NDDROptions(), LeNetOptions(channels=[4, 6], hidden=8), tasks(2), INPUT)
+    groups = ParamGroups(backbone=GroupOptions(1.0, 0.0), fusion=GroupOptions(100.0, 0.1), head=GroupOptions(1.0, 0.0))
+    cfg = TrainConfig(optimizer=optimizer, lr=1e-3, momentum=0.0, weight_decay=0.0, groups=groups,
+                      schedule=ScheduleOptions(name="step", step_size=1, gamma=0.5))
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg.schedule, 4)
+    kinds = parameter_kinds(model)
+    for epoch in range(2):
+        factor = 0.5 ** epoch
+        before = {id(p): p.detach().clone() for p in model.parameters()}
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.01)
+        opt.step()
+        for kind, mult, decay in (("backbone", 1.0, 0.0), ("fusion", 100.0, 0.1)):
+            for p in kinds[kind]:
+                step = p.detach() - before[id(p)]
+                if optimizer == "sgd":  # update = -lr * mult * (grad + decay * p)
+                    expected = -1e-3 * factor * mult * (0.01 + decay * before[id(p)])
+                    assert torch.allclose(step, expected, rtol=1e-3, atol=1e-7), kind
+                elif epoch == 0:  # Adam's first step has size lr * mult whatever the gradient
+                    g = 0.01 + decay * before[id(p)]
+                    assert torch.allclose(step, -1e-3 * mult * torch.sign(g), rtol=1e-3, atol=1e-7), kind
+        sched.step()
+    rates = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert rates["fusion"] == pytest.approx(100 * rates["backbone"])
+
+
+def test_towers_start_from_single_task_checkpoints(tmp_path):
+    from taskloom import checkpoint
+    from taskloom.config import Config, ModelConfig, to_dict
+    from taskloom.backbones import SmallResNetOptions
+    from taskloom.errors import CheckpointError
+
+    backbone = SmallResNetOptions(channels=[4, 8], blocks=[1, 2], stem_channels=4)
+    ts = tasks(2)
+    paths = {}
+    sources = {}
+    for t in ts:  # one single-task network per task (data.tasks: [t])
+        cfg = Config(model=ModelConfig(backbone=backbone, architecture=SingleOptions()))
+        src = build_model(cfg.model.architecture, backbone, [t], INPUT)
+        paths[t.name] = tmp_path / f"{t.name}.pt"
+        checkpoint.save({"config": to_dict(cfg), "model": src.state_dict(), "tasks": [t.name]}, paths[t.name])
+        sources[t.name] = src
+    model = build_model(XResNetOptions(), backbone, ts, INPUT)
+    init_towers(model, {t.name: str(p) for t, p in zip(ts, paths.values())}, ts, INPUT)
+    for i, t in enumerate(ts):
+        for dst, src in zip(model.tower_stages(i)[len(model.trunk):], sources[t.name].tower_stages(0)[len(model.trunk):]):
+            for a, b in zip(dst.state_dict().values(), src.state_dict().values()):
+                assert torch.equal(a, b)
+        assert torch.equal(model.heads[t.name].fc.weight, sources[t.name].heads[t.name].fc.weight)
+    # the trunk comes from the first listed task's network
+    for a, b in zip(model.trunk.state_dict().values(), nn.Sequential(*sources["t0"].tower_stages(0)[:len(model.trunk)]).state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="init.towers.nope: unknown task"):
+        init_towers(model, {"nope": str(paths["t0"])}, ts, INPUT)
+    other = build_model(SingleOptions(), SmallResNetOptions(channels=[4, 16], blocks=[1, 2], stem_channels=4), ts, INPUT)
+    with pytest.raises(CheckpointError, match=r"init.towers.t0: stage 3 of .* does not fit this model's stage 3: .*shape"):
+        init_towers(other, {"t0": str(paths["t0"])}, ts, INPUT)
+
+
+def test_every_multimnist_config_builds_its_model():
+    from pathlib import Path
+
+    from taskloom import config as cfg
+
+    files = sorted(Path(__file__).resolve().parents[1].joinpath("configs", "multimnist").glob("*.yaml"))
+    names = {f.stem for f in files}
+    assert {"nddr", "nddr_shortcut", "sluice", "xresnet_x0", "xresnet_xi", "xresnet_xs", "xresnet_conv1x1"} <= names
+    ts = [ClassificationTask("left", 10), ClassificationTask("right", 10)]
+    for f in files:
+        config = cfg.load(f)
+        model = build_model(config.model.architecture, config.model.backbone, ts, INPUT)
+        out = model(torch.zeros(2, *INPUT))
+        assert set(out) == {"left", "right"}, f.name

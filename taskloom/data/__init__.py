@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Literal
+
+import torch
 
 from torch.utils.data import Dataset
 
@@ -19,6 +21,26 @@ from taskloom.tasks import Task
 DATASETS: Registry[DataBundle] = Registry("dataset")
 
 DATA_ENV = "TASKLOOM_DATA"
+
+
+@dataclasses.dataclass
+class DropLabelsOptions:
+    """Remove the targets of some tasks from a seeded fraction of a split's samples (partial
+    labels): those targets are replaced by the task's "missing" marker (``-1`` for
+    classification / binary, ``NaN`` otherwise), which losses and metrics skip."""
+
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    """Tasks whose labels are dropped (the same samples lose all of them)."""
+    fraction: float = 0.0
+    """Fraction of the split's samples that lose these labels (rounded to a whole count)."""
+    seed: int = 0
+    """Seed of the choice of samples (independent of the training seed)."""
+    splits: list[Literal["train", "val", "test"]] = dataclasses.field(default_factory=lambda: ["train"])
+    """Splits to drop labels from (default: training only, so evaluation stays complete)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
 
 
 @dataclasses.dataclass
@@ -35,6 +57,13 @@ class DataOptions:
     batch_size: int = 128
     eval_batch_size: int = 512
     num_workers: int = 0
+    drop_labels: DropLabelsOptions | None = None
+    """Simulate partially labelled data: ``{tasks: [gender, smile], fraction: 0.7, seed: 0}``
+    removes those labels from 70% of the training samples (``null``: keep every label)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size and eval_batch_size must be >= 1 and num_workers >= 0")
 
 
 @dataclasses.dataclass
@@ -51,17 +80,26 @@ class DataBundle:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
 
+def default_data_home() -> Path:
+    """The documented last resort: ``$XDG_DATA_HOME/taskloom`` (``~/.local/share/taskloom``)."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "taskloom"
+
+
 def resolve_root(options: DataOptions, folder: str, how_to_get: str) -> Path:
-    """The dataset folder: ``options.root`` (the CLI flag overrides it) or ``$TASKLOOM_DATA/folder``."""
+    """The dataset folder, first found of: ``options.root`` (the ``--data-root`` flag sets it),
+    ``$TASKLOOM_DATA/<folder>``, ``default_data_home()/<folder>``."""
     if options.root:
         root, origin = Path(options.root).expanduser(), "data.root / --data-root"
     elif os.environ.get(DATA_ENV):
         root, origin = Path(os.environ[DATA_ENV]).expanduser() / folder, f"${DATA_ENV}/{folder}"
     else:
-        raise DataError(
-            f"{options.name}: no data folder given. Pass --data-root DIR, set data.root, or set "
-            f"{DATA_ENV} to a folder containing '{folder}/'. {how_to_get}"
-        )
+        root, origin = default_data_home() / folder, "the default data folder"
+        if not root.is_dir():
+            raise DataError(
+                f"{options.name}: no data folder given and {root} does not exist. Pass --data-root DIR, set "
+                f"data.root, set {DATA_ENV} to a folder containing '{folder}/', or put the files in {root}. "
+                f"{how_to_get}"
+            )
     if not root.is_dir():
         raise DataError(f"{options.name}: data folder {root} (from {origin}) does not exist. {how_to_get}")
     return root
@@ -78,10 +116,55 @@ def build_data(options: DataOptions) -> DataBundle:
                 f"data.tasks: {unknown or '[]'} not available; {options.name} has tasks {sorted(known)}"
             )
         bundle.tasks = [known[n] for n in options.tasks]
+    if options.drop_labels is not None and options.drop_labels.tasks and options.drop_labels.fraction > 0:
+        drop = options.drop_labels
+        known = {t.name: t for t in bundle.tasks}
+        unknown = [n for n in drop.tasks if n not in known]
+        if unknown:
+            raise DataError(f"data.drop_labels.tasks: {unknown} not among the tasks {sorted(known)}")
+        for k, split in enumerate(drop.splits):
+            dataset = bundle.split(split)
+            wrapped = PartialLabels(dataset, [known[n] for n in drop.tasks], drop.fraction, drop.seed + 7919 * k)
+            setattr(bundle, split, wrapped)
     return bundle
+
+
+class PartialLabels(Dataset):
+    """A dataset whose ``tasks`` lose their targets on a seeded ``fraction`` of the samples
+    (replaced by :meth:`Task.missing_like`). Works on any dataset yielding ``(x, {task: y})``."""
+
+    def __init__(self, dataset: Dataset, tasks: list[Task], fraction: float, seed: int = 0):
+        self.dataset, self.tasks = dataset, list(tasks)
+        n = len(dataset)
+        g = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(n, generator=g)[: round(fraction * n)]
+        self.dropped = torch.zeros(n, dtype=torch.bool)
+        self.dropped[chosen] = True
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # expose the wrapped dataset's helpers (class_counts, ...)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        if self.dropped[i]:
+            y = dict(y)
+            for t in self.tasks:
+                y[t.name] = t.missing_like(torch.as_tensor(y[t.name]))
+        return x, y
 
 
 Builder = Callable[[DataOptions], DataBundle]
 
 # Register the built-in datasets.
 from taskloom.data import multimnist  # noqa: E402,F401
+from taskloom.data import mtfl  # noqa: E402,F401
+from taskloom.data import utkface  # noqa: E402,F401
+from taskloom.data import nyuv2  # noqa: E402,F401
+from taskloom.data import cifar100  # noqa: E402,F401
+from taskloom.data import manifest  # noqa: E402,F401
+from taskloom.data import mix  # noqa: E402,F401

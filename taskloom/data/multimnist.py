@@ -54,6 +54,7 @@ class MultiMNISTOptions(DataOptions):
     test_pairs: int = 5000
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not (0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ValueError("val_fraction and test_fraction must be in (0, 1) with a sum below 1")
         for key in ("train_pairs", "val_pairs", "test_pairs"):

@@ -1,0 +1,91 @@
+"""torchrun + DDP on CPU (gloo, 2 processes) against a single process with the same global batch.
+
+Why not bitwise: with 2 ranks each computes the mean loss of its half batch and DDP averages the
+two gradients (an all-reduce), which sums in a different order than one process summing the
+whole batch; float32 rounding differs at ~1e-7 relative and compounds over steps. The tolerance
+below (1e-4 absolute on weights after 16 steps) is far above that and far below any real
+difference (one skipped step changes weights by ~1e-3).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from taskloom import checkpoint
+
+ARGS = ["data.train_pairs=512", "data.val_pairs=64", "data.test_pairs=64", "data.batch_size=64",
+        "model.backbone.channels=[4,8]", "model.backbone.hidden=16", "train.epochs=2", "train.progress=false"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _single(run_dir, *extra):
+    return subprocess.run([sys.executable, "-m", "taskloom", "train", *ARGS, "--run-dir", str(run_dir), *extra],
+                          capture_output=True, text=True, timeout=300, env=_env())
+
+
+def _torchrun(run_dir, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "taskloom", "train", *ARGS, "--run-dir", str(run_dir), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+
+
+def _weights(run_dir):
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def _assert_close(a, b, atol=1e-4):
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol), (name, (a[name] - b[name]).abs().max())
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("single")
+    proc = _single(run_dir)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, single_run):
+    proc = _torchrun(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_close(_weights(single_run), _weights(tmp_path))
+    one = [json.loads(l) for l in (single_run / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(two) == 2, "only rank 0 writes the log"
+    for a, b in zip(one, two):
+        for task in ("left", "right"):
+            assert a["train_loss"][task] == pytest.approx(b["train_loss"][task], rel=1e-4)
+            assert a["val"][task]["accuracy"] == pytest.approx(b["val"][task]["accuracy"], abs=1 / 64 + 1e-9)
+            assert b["val"][task]["count"] == 64  # the shards add up to the whole split
+
+
+def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
+    # More steps per epoch than above, so that the stop request surely lands inside epoch 2.
+    longer = ("data.train_pairs=3072",)
+    reference = tmp_path / "reference"
+    assert _single(reference, *longer).returncode == 0
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "taskloom", "train", *ARGS, *longer, "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    for line in proc.stdout:  # wait for the end of epoch 1, then ask it to stop
+        if line.startswith("epoch 1/2"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err, err
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")["state"]
+    assert state["epoch"] == 1 and state["step"] > 0
+    resumed = _torchrun(run_dir, *longer, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_close(_weights(reference), _weights(run_dir))

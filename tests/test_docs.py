@@ -1,0 +1,63 @@
+"""The docs: generated reference pages are up to date, and the site builds in strict mode."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_generated_reference_pages_are_current():
+    """docs/guide/configs.md and cli.md equal what scripts/gen_config_reference.py generates
+    (in a fresh process: only the built-in registry entries)."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_config_reference.py"), "--check"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr + "\nregenerate with: python scripts/gen_config_reference.py"
+
+
+def test_config_reference_lists_every_key():
+    import dataclasses
+
+    from taskloom.config import TrainConfig
+    from taskloom.data import DATASETS
+
+    text = (REPO / "docs" / "guide" / "configs.md").read_text()
+    for field in dataclasses.fields(TrainConfig):
+        assert f"`train.{field.name}`" in text
+    for name in ("manifest", "mix", "mtfl", "multimnist"):
+        assert name in DATASETS.names() and f"### `data: {name}`" in text
+
+
+def test_readme_links_into_the_guide():
+    readme = (REPO / "README.md").read_text()
+    assert "docs/guide/" in readme and "## Documentation" in readme
+
+
+def _mkdocs() -> list[str]:
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]')")
+    pytest.importorskip("mkdocstrings", reason="mkdocstrings is not installed (pip install -e '.[docs]')")
+    return [sys.executable, "-m", "mkdocs", "build", "--strict"]
+
+
+def test_site_builds_strict(tmp_path):
+    done = subprocess.run(_mkdocs() + ["-d", str(tmp_path / "site")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "site" / "api" / "index.html").read_text().count('id="taskloom.train.fit"') == 1
+
+
+def test_strict_build_fails_on_a_broken_link(tmp_path):
+    command = _mkdocs()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "index.md").write_text("# x\n\nSee [the guide](guide/nope.md).\n")
+    shutil.copy(REPO / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    config = (tmp_path / "mkdocs.yml").read_text()
+    config = config.split("nav:")[0] + "validation:" + config.split("validation:")[1]  # no nav, no API plugin
+    (tmp_path / "mkdocs.yml").write_text(config)
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "nope.md" in done.stdout + done.stderr

@@ -1,0 +1,153 @@
+"""Faults: kills at any moment, stop signals, and fuzzed inputs never lose or corrupt a run."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from taskloom import checkpoint
+from taskloom import config as cfg
+from taskloom.data.multimnist import read_idx
+from taskloom.errors import CheckpointError, ConfigError, DataError, TaskloomError
+
+REPO_CONFIG = cfg.to_dict(cfg.load())
+# The default LeNet (1.9M parameters: ~22 MB checkpoints with Adam state, fsynced) on a tiny
+# split, so a large share of the wall time is spent writing checkpoints.
+KILL_ARGS = ["data.train_pairs=128", "data.val_pairs=32", "data.test_pairs=32", "train.epochs=60",
+             "train.progress=false"]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.pt"
+    rng = random.Random(0)
+    epochs_seen = []
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "taskloom", "train", *KILL_ARGS, "--run-dir", str(run_dir)]
+        if attempt:
+            cmd.append("--resume")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        for line in proc.stdout:  # wait until training runs, then kill at a random moment
+            if line.startswith("epoch "):
+                break
+        time.sleep(rng.uniform(0.2, 1.5))
+        proc.kill()
+        proc.wait(timeout=60)
+        payload = checkpoint.load(last)  # must always load: the old or the new file, never a torn one
+        epochs_seen.append(payload["state"]["epoch"])
+        leftovers = [p.name for p in last.parent.iterdir() if p.name not in ("last.pt", "best.pt")]
+        assert all(name.startswith(".last.pt.tmp") or name.startswith(".best.pt.tmp") for name in leftovers)
+    assert epochs_seen == sorted(epochs_seen) and epochs_seen[-1] > epochs_seen[0]
+
+
+def test_sigterm_saves_and_says_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "taskloom", "train", *KILL_ARGS, "--run-dir", str(run_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    for line in proc.stdout:
+        if line.startswith("epoch 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted at epoch" in err and f"--run-dir {run_dir} --resume" in err and "Traceback" not in err
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["state"]["epoch"] >= 2
+
+
+def _mutate(text: str, rng: random.Random) -> str:
+    choice = rng.randrange(5)
+    if choice == 0:  # truncate
+        return text[: rng.randrange(len(text))]
+    if choice == 1:  # delete a span
+        i = rng.randrange(len(text))
+        return text[:i] + text[i + rng.randrange(1, 20):]
+    if choice == 2:  # insert junk
+        i = rng.randrange(len(text))
+        return text[:i] + rng.choice([":", "- ", "{", "]", "\t", "'", "&a", "*a", "!!python/object:os.system ", "\x00", "é"]) + text[i:]
+    if choice == 3:  # replace a value by something of another type
+        data = yaml.safe_load(text)
+        section = rng.choice(["train", "data", "model"])
+        key = rng.choice(list(data[section]))
+        data[section][key] = rng.choice([None, -1, 1.5, "x", [], {}, True, [1, "a"], {"name": "nope"}])
+        return yaml.safe_dump(data)
+    lines = text.splitlines()  # shuffle indentation
+    i = rng.randrange(len(lines))
+    lines[i] = " " * rng.randrange(6) + lines[i].lstrip()
+    return "\n".join(lines)
+
+
+def test_fuzzed_configs_give_config_errors_only(tmp_path):
+    text = yaml.safe_dump(REPO_CONFIG)
+    rng = random.Random(1)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(300):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(_mutate(text, rng), encoding="utf-8", errors="surrogateescape")
+        try:
+            cfg.load(path)
+            outcomes["ok"] += 1
+        except ConfigError as exc:
+            assert str(path) in str(exc)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 100 and outcomes["ok"] > 10
+
+
+def test_fuzzed_configs_through_the_cli(tmp_path):
+    text = yaml.safe_dump(REPO_CONFIG)
+    rng = random.Random(2)
+    for i in range(2):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text[: rng.randrange(20, len(text) // 2)])
+        proc = subprocess.run([sys.executable, "-m", "taskloom", "train", str(path), "--epochs", "1",
+                               "data.train_pairs=64", "data.val_pairs=16", "data.test_pairs=16",
+                               "--run-dir", str(tmp_path / f"r{i}")], capture_output=True, text=True,
+                              timeout=120, env=_env())
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.returncode in (0, 2)
+        if proc.returncode == 2:
+            assert proc.stderr.startswith("taskloom: error: ")
+
+
+def test_fuzzed_idx_files(tmp_path):
+    rng = np.random.default_rng(3)
+    good = bytes([0, 0, 8, 3]) + b"".join(int(v).to_bytes(4, "big") for v in (4, 28, 28)) + bytes(4 * 784)
+    for i in range(200):
+        raw = bytearray(good[: rng.integers(0, len(good) + 1)])
+        for _ in range(rng.integers(0, 4)):
+            if raw:
+                raw[rng.integers(0, len(raw))] = int(rng.integers(0, 256))
+        path = tmp_path / f"f{i}-images-idx3-ubyte"
+        path.write_bytes(bytes(raw))
+        try:
+            array = read_idx(path)
+        except DataError as exc:
+            assert str(path) in str(exc)
+        else:
+            assert array.size == len(raw) - 4 - 4 * raw[3]
+
+
+def test_fuzzed_checkpoints(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpoint.save({"model": {"w": torch.randn(64)}, "state": {"epoch": 1}}, path)
+    good = path.read_bytes()
+    rng = np.random.default_rng(4)
+    for i in range(60):
+        raw = bytearray(good[: rng.integers(0, len(good) + 1)] if i % 2 else good)
+        for _ in range(rng.integers(1, 6)):
+            raw[rng.integers(0, len(raw))] ^= 0xFF
+        bad = tmp_path / f"b{i}.pt"
+        bad.write_bytes(bytes(raw))
+        try:
+            checkpoint.load(bad)
+        except CheckpointError as exc:
+            assert str(bad) in str(exc)
