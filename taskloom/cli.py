@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -93,8 +94,9 @@ def _train(args: argparse.Namespace) -> int:
     config = cfg.load(args.config, overrides)
     run_dir = Path(args.run_dir or f"runs/{config.data.name}-{config.model.architecture.name}-s{config.seed}")
     final = run(config, run_dir, resume=args.resume, force=args.force)
-    _print_final(final)
-    print(f"results: {run_dir / 'final.json'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        _print_final(final)
+        print(f"results: {run_dir / 'final.json'}")
     return 0
 
 

@@ -361,14 +361,14 @@ def render_markdown(summary: dict[str, Any], title: str = "Comparison") -> str:
         cells = [label]
         for col in columns:
             mean, std = e["metrics"].get(col, (math.nan, math.nan))
-            text = "–" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}"
+            text = "–" if math.isnan(mean) else (f"{mean:.4f} ± {std:.4f}" if e["seeds"] > 1 else f"{mean:.4f}")
             cells.append(f"**{text}**" if best.get(col) == label else text)
         dm, dstd = e["delta_m"]
-        text = "–" if math.isnan(dm) else f"{dm:+.2f} ± {dstd:.2f}"
+        text = "–" if math.isnan(dm) else (f"{dm:+.2f} ± {dstd:.2f}" if e["seeds"] > 1 else f"{dm:+.2f}")
         cells.append(f"**{text}**" if best.get("delta_m") == label else text)
         cells += [f"{e['params']:,.0f}", f"{e['param_ratio']:.2f}", f"{e['seconds'][0]:.0f}", str(e["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± std over seeds on the test split (model selected on validation). Δm: REFERENCE §6 on each "
+    lines += ["", "Mean (± std when there are several seeds) over seeds on the test split (model selected on validation). Δm: REFERENCE §6 on each "
               "task's primary metric vs the single-task networks of the same backbone; × single: parameters / sum "
               "of those single-task networks' parameters; seconds: training wall time per run (single-task: all "
               "its networks). Best per column in bold."]
@@ -388,10 +388,11 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], out_dir: Path,
     fig, axes = plt.subplots(1, len(info), figsize=(5 * len(info), 4), squeeze=False)
     for ax, (task, meta) in zip(axes[0], info.items()):
         primary = meta["primary"]
-        for label, e in table.items():
+        for i, (label, e) in enumerate(table.items()):
             mean, std = e["metrics"].get((task, primary), (math.nan, math.nan))
-            if not math.isnan(mean):
-                ax.errorbar(e["params"] / 1e6, mean, yerr=std, fmt="o", capsize=3, label=label)
+            if not math.isnan(mean):  # colours repeat after 10: vary the marker too
+                ax.errorbar(e["params"] / 1e6, mean, yerr=std, fmt="osD^vP*X"[i // 10 % 8], capsize=3,
+                            color=f"C{i % 10}", label=label)
         ax.set_xlabel("parameters (millions)")
         ax.set_ylabel(f"{task} {primary} ({'higher' if meta['higher_is_better'][primary] else 'lower'} is better)")
         ax.set_title(f"{task}: {primary} vs parameters")
@@ -508,7 +509,7 @@ def _main(args: argparse.Namespace) -> int:
     run_root.mkdir(parents=True, exist_ok=True)
     failed = run_jobs(jobs, args.jobs, args.resume)
     rows = collect(jobs)
-    counts = class_counts(jobs[0].config) if rows else {}
+    counts = class_counts({**jobs[-1].config, "data": {**jobs[-1].config["data"], "tasks": None}}) if rows else {}
     md = report(run_root, rows, counts, title=f"Comparison: {grid_path.stem}")
     print(md.read_text())
     print(f"{len(rows)} runs in {run_root} ({time.perf_counter() - started:.0f} s); table: {md}")

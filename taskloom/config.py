@@ -138,7 +138,7 @@ class ModelConfig:
     """Run the K towers of a stage as one batched computation (``torch.vmap`` over the stacked
     tower parameters; same numbers, same parameters and checkpoints): ``off`` (a loop over the
     towers), ``on`` (wherever supported: towers without BatchNorm), ``auto`` (conv-only stages
-    with K >= 3, measured faster on CPU; see benchmarks/README.md)."""
+    with K >= 3 on a GPU; the loop on CPU, where vmap measured no faster: benchmarks/README.md)."""
     regularizer: RegularizerOptions | None = None
     """Tower-weight regulariser between corresponding tower weights (REFERENCE §4);
     ``null``: none. For example ``{kind: affine_exp, weight: 1.0}``."""

@@ -61,6 +61,8 @@ class TaskParallel(nn.Module):
       ``torch.vmap(functional_call)`` runs all K towers as a batched computation (convolutions
       become one grouped / widened convolution, linear layers one batched matmul). Only for towers
       of identical structure without buffers (no BatchNorm); otherwise it falls back to the loop.
+    * ``mode = "auto"``: ``vmap`` when the features are on a GPU, the loop on CPU (where the
+      batched form measured no faster: benchmarks/README.md).
     * ``checkpoint = True``: each tower's stage is run under ``torch.utils.checkpoint`` in training
       (activations recomputed in backward: less memory, one more forward of the towers).
     """
@@ -70,9 +72,15 @@ class TaskParallel(nn.Module):
         self.towers = nn.ModuleList(modules)
         self.mode = "loop"
         self.checkpoint = False
+        self._vmap_ok: bool | None = None  # vmap_supported(), cached on first use
 
     def vmap_supported(self) -> bool:
         """Whether the towers can run as one vmapped call: same structure, no buffers."""
+        if self._vmap_ok is None:
+            self._vmap_ok = self._check_vmap()
+        return self._vmap_ok
+
+    def _check_vmap(self) -> bool:
         towers = list(self.towers)
         if len(towers) < 2 or any(True for m in towers for _ in m.buffers()):
             return False
@@ -83,7 +91,7 @@ class TaskParallel(nn.Module):
     def forward(self, xs: list[Tensor]) -> list[Tensor]:
         if len(xs) != len(self.towers):
             raise ValueError(f"TaskParallel: {len(self.towers)} towers, {len(xs)} features")
-        if self.mode == "vmap" and self.vmap_supported():
+        if (self.mode == "vmap" or (self.mode == "auto" and xs[0].is_cuda)) and self.vmap_supported():
             return self._forward_vmap(xs)
         if self.checkpoint and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
@@ -111,17 +119,19 @@ def configure_towers(model: nn.Module, batched: str = "off", checkpoint: bool = 
     """Set how every :class:`TaskParallel` in ``model`` runs its K towers.
 
     ``batched``: ``off`` (loop), ``on`` (vmap wherever supported, loop elsewhere) or ``auto``
-    (vmap for supported stages without a fully connected layer, the case measured faster on
-    CPU in ``benchmarks/step_time.py``; loop elsewhere). ``checkpoint``: activation checkpointing
-    of the looped tower stages. Returns how many stages run each way.
+    (supported conv-only stages with K >= 3 get ``mode = "auto"``: vmap on a GPU, the loop on
+    CPU, where ``benchmarks/step_time.py`` measured vmap no faster overall: about 1.1x faster
+    on TCDCN's conv stages, slower on LeNet, and slowest on fully connected stages). ``checkpoint``:
+    activation checkpointing of the looped tower stages. Returns how many stages got each mode.
     """
     if batched not in ("off", "on", "auto"):
         raise ValueError(f"batched must be off, on or auto, got {batched!r}")
-    counts = {"loop": 0, "vmap": 0}
+    counts = {"loop": 0, "vmap": 0, "auto": 0}
     for module in model.modules():
         if isinstance(module, TaskParallel):
-            use = batched == "on" or (batched == "auto" and _auto_vmap(module))
-            module.mode = "vmap" if use and module.vmap_supported() else "loop"
+            module._vmap_ok = None  # re-check: the towers may have been changed since
+            mode = {"off": "loop", "on": "vmap", "auto": "auto" if _auto_vmap(module) else "loop"}[batched]
+            module.mode = mode if module.vmap_supported() else "loop"
             module.checkpoint = bool(checkpoint)
             counts[module.mode] += 1
     return counts

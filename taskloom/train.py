@@ -504,6 +504,8 @@ def build_experiment(config: Config, log=lambda *a: None) -> tuple[DataBundle, n
         from taskloom.models import init_towers
         init_towers(model, config.init.towers, data.tasks, data.input_shape, log)
     attach_regularizer(model, config.model.regularizer)  # model.penalty() then includes it
+    from taskloom.models import configure_towers  # execution of the tower stages (no parameter change)
+    configure_towers(model, config.model.batched_towers, config.train.checkpoint_towers)
     return data, model
 
 

@@ -1,5 +1,6 @@
 """Batched (vmap) execution of the task towers equals the loop: forward, gradients, state_dict."""
 import copy
+import os
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from taskloom.models import (CrossStitchOptions, NDDROptions, SingleOptions, Slu
                              build_model, configure_towers)
 from taskloom.tasks import ClassificationTask
 
+DEVICE = torch.device(os.environ.get("TASKLOOM_TEST_DEVICE", "cpu"))  # benchmarks/gpu_check.sh: cuda
+
 
 def _tasks(k):
     return [ClassificationTask(f"t{i}", 5 + i) for i in range(k)]
@@ -17,11 +20,11 @@ def _tasks(k):
 def _compare(arch, backbone, shape, k, batched="on", batch=4, dtype=torch.float32):
     torch.manual_seed(0)
     tasks = _tasks(k)
-    loop = build_model(arch, backbone, tasks, shape).to(dtype)
+    loop = build_model(arch, backbone, tasks, shape).to(DEVICE, dtype)
     fast = copy.deepcopy(loop)
     counts = configure_towers(fast, batched)
-    x = torch.randn(batch, *shape, dtype=dtype)
-    y = {t.name: torch.randint(0, t.num_classes if hasattr(t, "num_classes") else 5, (batch,)) for t in tasks}
+    x = torch.randn(batch, *shape, dtype=dtype).to(DEVICE)
+    y = {t.name: torch.randint(0, t.num_classes if hasattr(t, "num_classes") else 5, (batch,)).to(DEVICE) for t in tasks}
     outs = []
     for m in (loop, fast):
         m.train()
@@ -53,15 +56,23 @@ def test_vmap_equals_loop_lenet(arch, k, dtype):
     assert counts["vmap"] == 3 and counts["loop"] == 0
 
 
-def test_vmap_equals_loop_tcdcn_auto():
+def test_vmap_equals_loop_tcdcn():
+    counts = _compare(CrossStitchOptions(), TCDCNOptions(channels=[4, 6, 8, 8], hidden=16), (1, 40, 40), 3)
+    assert counts == {"vmap": 5, "loop": 0, "auto": 0}
+
+
+def test_auto_mode():
+    # conv stages get "auto" (vmap on a GPU, loop on CPU); the fully connected stage stays a loop
     counts = _compare(CrossStitchOptions(), TCDCNOptions(channels=[4, 6, 8, 8], hidden=16), (1, 40, 40), 3, "auto")
-    assert counts == {"vmap": 4, "loop": 1}  # the fully connected stage stays a loop under auto
+    assert counts == {"vmap": 0, "loop": 1, "auto": 4}
+    counts = _compare(CrossStitchOptions(), TCDCNOptions(channels=[4, 6, 8, 8], hidden=16), (1, 40, 40), 2, "auto")
+    assert counts == {"vmap": 0, "loop": 5, "auto": 0}
 
 
 def test_batchnorm_towers_fall_back_to_loop():
     counts = _compare(SingleOptions(), SmallResNetOptions(channels=[4, 8], blocks=[1, 1], stem_channels=4),
                       (1, 16, 16), 3)
-    assert counts == {"vmap": 0, "loop": 3}
+    assert counts == {"vmap": 0, "loop": 3, "auto": 0}
 
 
 def test_vmap_eval_and_no_grad():

@@ -1,5 +1,6 @@
 """Activation checkpointing of tower stages gives the same outputs and gradients."""
 import copy
+import os
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 from taskloom.backbones import LeNetOptions, SmallResNetOptions
 from taskloom.models import CrossStitchOptions, SingleOptions, build_model, configure_towers
 from taskloom.tasks import ClassificationTask
+
+DEVICE = torch.device(os.environ.get("TASKLOOM_TEST_DEVICE", "cpu"))  # benchmarks/gpu_check.sh: cuda
 
 
 @pytest.mark.parametrize("backbone,shape", [
@@ -17,11 +20,11 @@ from taskloom.tasks import ClassificationTask
 def test_checkpointed_towers_same_gradients(arch, backbone, shape):
     torch.manual_seed(0)
     tasks = [ClassificationTask(f"t{i}", 5) for i in range(3)]
-    plain = build_model(arch, backbone, tasks, shape).train()
+    plain = build_model(arch, backbone, tasks, shape).to(DEVICE).train()
     ckpt = copy.deepcopy(plain)
     configure_towers(ckpt, "off", checkpoint=True)
-    x = torch.randn(4, *shape)
-    y = {t.name: torch.randint(0, 5, (4,)) for t in tasks}
+    x = torch.randn(4, *shape).to(DEVICE)
+    y = {t.name: torch.randint(0, 5, (4,)).to(DEVICE) for t in tasks}
     outs = []
     for m in (plain, ckpt):
         out = m(x)

@@ -151,3 +151,41 @@ def test_fuzzed_checkpoints(tmp_path):
             checkpoint.load(bad)
         except CheckpointError as exc:
             assert str(bad) in str(exc)
+
+
+def test_fuzzed_mtfl_annotations_and_images(tmp_path):
+    """Random damage to real MTFL annotation lines and JPEGs: a DataError naming the file (and
+    line), a counted skip, or a clean load -- never another exception."""
+    import warnings
+
+    from taskloom.data import build_data
+    from taskloom.data.mtfl import MTFLOptions
+
+    from test_mtfl import _fixture
+
+    root, chosen = _fixture(tmp_path, train_lines=4, test_lines=2)
+    pristine = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    rng = np.random.default_rng(5)
+    files = sorted(pristine)
+    outcomes = {"error": 0, "ok": 0}
+    for i in range(40):
+        for p, raw in pristine.items():
+            p.write_bytes(raw)
+        target = files[rng.integers(len(files))]
+        raw = bytearray(pristine[target])
+        if rng.random() < 0.5:
+            raw = raw[: rng.integers(0, len(raw) + 1)]
+        for _ in range(rng.integers(1, 8)):
+            if raw:
+                raw[rng.integers(0, len(raw))] = int(rng.integers(0, 256))
+        target.write_bytes(bytes(raw))
+        for skip in (False, True):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    build_data(MTFLOptions(root=str(root), val_size=1, skip_malformed=skip))
+                outcomes["ok"] += 1
+            except DataError as exc:
+                assert target.name in str(exc) or "training.txt" in str(exc) or "testing.txt" in str(exc), str(exc)
+                outcomes["error"] += 1
+    assert outcomes["error"] > 0 and outcomes["ok"] > 0

@@ -135,9 +135,13 @@ class PartialLabels(Dataset):
 
     def __init__(self, dataset: Dataset, tasks: list[Task], fraction: float, seed: int = 0):
         self.dataset, self.tasks = dataset, list(tasks)
+        import numpy as np
+
         n = len(dataset)
-        g = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(n, generator=g)[: round(fraction * n)]
+        # numpy's generator, seeded with a tag: a torch.randperm seeded alike would equal the
+        # trainer's first-epoch shuffle (seed 0), putting every dropped sample in the first batches.
+        rng = np.random.default_rng([seed, 0x0D0D1AB5])
+        chosen = torch.from_numpy(rng.permutation(n)[: round(fraction * n)])
         self.dropped = torch.zeros(n, dtype=torch.bool)
         self.dropped[chosen] = True
 
