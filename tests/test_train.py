@@ -1,7 +1,6 @@
 import json
 import os
 import pickle
-import signal
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from taskloom.errors import CheckpointError, ConfigError
 from taskloom.models import CrossStitchOptions, build_model, parameter_kinds
 from taskloom.train import Interrupted, TrainingError, build_optimizer, build_scheduler, fit, schedule_factor
 
-from helpers import tiny_multimnist
+from helpers import InterruptAt, tiny_multimnist
 
 INPUT = (1, 36, 36)
 
@@ -127,22 +126,6 @@ def test_fit_writes_the_run_directory(tmp_path, data):
         _fit(small_cs(data.tasks), data, tmp_path)
 
 
-class _InterruptAt(torch.utils.data.Dataset):
-    """Wraps a dataset and sends SIGINT to this process when item number ``at`` is read."""
-
-    def __init__(self, base, at):
-        self.base, self.at, self.reads = base, at, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.base[i]
-
-
 def test_resume_after_an_interrupt_mid_epoch_gives_the_same_weights(tmp_path, data):
     torch.manual_seed(0)
     reference = small_cs(data.tasks)
@@ -152,7 +135,7 @@ def test_resume_after_an_interrupt_mid_epoch_gives_the_same_weights(tmp_path, da
     interrupted = small_cs(data.tasks)
     interrupted.load_state_dict(start)
     bundle = tiny_multimnist()
-    bundle.train = _InterruptAt(bundle.train, at=256 + 100)  # epoch 2, inside its 2nd batch
+    bundle.train = InterruptAt(bundle.train, at=256 + 100)  # epoch 2, inside its 2nd batch
     with pytest.raises(Interrupted, match="--resume"):
         _fit(interrupted, bundle, tmp_path / "b")
     saved = checkpoint.load(tmp_path / "b" / "checkpoints" / "last.pt")

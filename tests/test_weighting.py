@@ -1,8 +1,6 @@
 """Loss weightings: formulas on hand-made losses/gradients, then a short real fit with each."""
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from taskloom.weighting import (
     PCGradWeighting, UncertaintyOptions, Weighting, WeightingOptions, build_weighting, pcgrad, shared_layer,
 )
 
-from helpers import tiny_multimnist
+from helpers import InterruptAt, tiny_multimnist
 
 INPUT = (1, 36, 36)
 LENET = LeNetOptions(channels=[4, 8], hidden=16)
@@ -212,22 +210,6 @@ def test_pcgrad_task_order_is_seeded_and_resumable():
 # --------------------------------------------------------------------------- with the trainer
 
 
-class _InterruptAt(torch.utils.data.Dataset):
-    """Sends SIGINT to this process when item number ``at`` is read (as in test_train)."""
-
-    def __init__(self, base, at):
-        self.base, self.at, self.reads = base, at, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return self.base[i]
-
-
 def _fit(model, data, run_dir, weighting, epochs=1, **kw):
     cfg = TrainConfig(epochs=epochs, lr=1e-3, progress=False, weighting=weighting)
     return fit(model, data, cfg, run_dir, config=Config(train=cfg), batch_size=64, log=lambda *_: None, **kw)
@@ -254,7 +236,7 @@ def test_resume_mid_epoch_is_exact_with_pcgrad(tmp_path, data):
     interrupted = build_model(CrossStitchOptions(), LENET, data.tasks, INPUT)
     interrupted.load_state_dict(start)
     bundle = tiny_multimnist()
-    bundle.train = _InterruptAt(bundle.train, at=256 + 100)
+    bundle.train = InterruptAt(bundle.train, at=256 + 100)
     with pytest.raises(Interrupted):
         _fit(interrupted, bundle, tmp_path / "b", PCGradOptions(), epochs=2)
     resumed = build_model(CrossStitchOptions(), LENET, data.tasks, INPUT)
