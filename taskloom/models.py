@@ -253,6 +253,8 @@ class Ensemble(nn.Module):
         return {t.name: t.combine([o[t.name] for o in outs]) for t in self.tasks}
 
     def loss_terms(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.training:  # eval mode: one combined prediction per task
+            return {t.name: t.loss(outputs[t.name], targets[t.name]) for t in self.tasks}
         return {
             t.name: torch.stack([t.loss(o, targets[t.name]) for o in outputs[t.name]]).mean()
             for t in self.tasks

@@ -117,6 +117,8 @@ def test_ensemble_trains_members_separately_and_combines_probabilities():
     members = [m.loss_terms(m(x), y) for m in model.members]
     assert torch.allclose(losses["t0"], (members[0]["t0"] + members[1]["t0"]) / 2)
     model.eval()
+    eval_losses = model.loss_terms(model(x), y)  # validation: the combined prediction's loss
+    assert torch.allclose(eval_losses["t1"], torch.nn.functional.nll_loss(model(x)["t1"], y["t1"]))
     combined = model(x)["t1"].exp()
     expected = (model.members[0](x)["t1"].softmax(-1) + model.members[1](x)["t1"].softmax(-1)) / 2
     assert torch.allclose(combined, expected, atol=1e-6)
