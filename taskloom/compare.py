@@ -174,10 +174,25 @@ def expand(grid: Grid, seeds: int, run_root: Path) -> list[Job]:
     jobs = []
     for label, overrides, task, baseline in [*single_variants, *resolved]:
         for seed in range(seeds):
-            config = _resolve(grid.base, [*grid.overrides, *overrides, f"seed={seed}"])
+            config = _restrict_to_tasks(_resolve(grid.base, [*grid.overrides, *overrides, f"seed={seed}"]))
             run_dir = run_root / _safe(label) / f"s{seed}-{fingerprint(config)}"
             jobs.append(Job(label, seed, config, run_dir, task, baseline))
     return jobs
+
+
+def _restrict_to_tasks(config: dict[str, Any]) -> dict[str, Any]:
+    """Fit a resolved config to a run on a subset of the tasks (single-task baselines, pairs):
+    drop the loss weights of absent tasks and, when model selection names an absent task, select
+    on the mean over the run's own tasks instead."""
+    tasks = config["data"].get("tasks")
+    if not tasks:
+        return config
+    train = config["train"]
+    train["loss_weights"] = {k: v for k, v in (train.get("loss_weights") or {}).items() if k in tasks}
+    select = train.get("select", "mean")
+    if select not in ("mean", "loss") and select.partition("/")[0] not in tasks:
+        train["select"] = "mean"
+    return config
 
 
 def _safe(label: str) -> str:
@@ -328,8 +343,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def delta_m(row: dict[str, Any], info: dict[str, Any], single: dict[str, dict[str, float]]) -> float:
     """REFERENCE §6: mean over tasks of the signed relative change of the primary metric, in %."""
+    own = row.get("task_info")
+    own = own if isinstance(own, dict) and own else info  # a run on a subset of the tasks: its own
     terms = []
-    for task, meta in info.items():
+    for task in own:
+        meta = info[task]
         primary = meta["primary"]
         if task not in single or row.get(f"{task}/{primary}") is None:
             return math.nan

@@ -20,6 +20,7 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False  # True when setup() created the process group (and teardown ends it)
 
     @property
     def is_main(self) -> bool:
@@ -56,13 +57,15 @@ def setup(device_type: str) -> Context:
     if world <= 1:
         return Context()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Context(rank, world, local_rank)
+    if dist.is_initialized():  # the caller set up the group and keeps ownership of it
+        return Context(rank, world, local_rank)
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Context(rank, world, local_rank, owns_group=True)
 
 
 def teardown(ctx: Context) -> None:
-    if ctx.enabled and dist.is_initialized():
+    """Destroy the process group if :func:`setup` created it."""
+    if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()

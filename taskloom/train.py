@@ -277,11 +277,25 @@ def fit(
     and ``final.json``. Under ``torchrun`` every process trains its slice of each global batch
     through DistributedDataParallel and only rank 0 writes.
     """
+    device = resolve_device(train.device)
+    ctx = distributed.setup(device.type)
+    try:
+        final = _fit(model, data, train, run_dir, ctx, device, config=config, seed=seed, batch_size=batch_size,
+                     eval_batch_size=eval_batch_size, num_workers=num_workers, resume=resume, force=force, log=log)
+        ctx.barrier()  # every rank leaves together, after rank 0 has written final.json
+        return final
+    finally:
+        # Destroy the process group before the interpreter exits: left to interpreter shutdown,
+        # gloo's threads can abort the process ("terminate called without an active exception").
+        distributed.teardown(ctx)
+
+
+def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | Path,
+         ctx: distributed.Context, device: torch.device, *, config, seed, batch_size, eval_batch_size,
+         num_workers, resume, force, log) -> dict[str, Any]:
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.pt"
-    device = resolve_device(train.device)
-    ctx = distributed.setup(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     if not ctx.is_main:

@@ -103,6 +103,21 @@ def test_delta_m_formula():
     row = {"a/accuracy": 0.88, "b/mae": 9.0}
     assert compare.delta_m(row, info, single) == pytest.approx(10.0)
     assert math.isnan(compare.delta_m({"a/accuracy": 0.9}, info, single))
+    # A run on a subset of the tasks (its own task_info) is scored on those tasks only.
+    assert compare.delta_m({"a/accuracy": 0.88, "task_info": {"a": info["a"]}}, info, single) == pytest.approx(10.0)
+
+
+def test_jobs_on_a_subset_of_tasks_drop_the_other_tasks_settings(tmp_path):
+    overrides = [*TINY, "train.loss_weights={left: 1.0, right: 0.5}", "train.select=right/accuracy"]
+    grid = compare.Grid(None, overrides, 1, [
+        {"label": "pair", "architecture": "split@1", "overrides": ["data.tasks=[left]"], "sweep": {}},
+        {"label": "both", "architecture": "split@1", "overrides": [], "sweep": {}}])
+    jobs = {(j.label, j.task): j.config["train"] for j in compare.expand(grid, 1, tmp_path)}
+    assert jobs[("single-task", "left")]["loss_weights"] == {"left": 1.0}
+    assert jobs[("single-task", "left")]["select"] == "mean"  # right/accuracy does not exist there
+    assert jobs[("single-task", "right")]["select"] == "right/accuracy"
+    assert jobs[("pair", None)]["loss_weights"] == {"left": 1.0}
+    assert jobs[("both", None)]["loss_weights"] == {"left": 1.0, "right": 0.5}
 
 
 def test_bad_grid(tmp_path):

@@ -235,3 +235,23 @@ def test_mtfl_with_70_percent_attribute_labels_removed_trains(tmp_path):
                 tmp_path, batch_size=32, log=lambda *a: None)
     assert {t: m["count"] for t, m in final["tasks"].items()} == {t.name: len(data.test) for t in data.tasks}
     assert all(math.isfinite(m[t.primary]) for t in data.tasks for m in [final["tasks"][t.name]])
+
+
+def test_train_size_keeps_a_fixed_subset_of_the_training_split(tmp_path):
+    from taskloom.data import TrainSubset
+    from taskloom.errors import DataError
+
+    full = build_data(toy_manifest(tmp_path / "data"))
+    a = build_data(toy_manifest(tmp_path / "data", train_size=5))
+    b = build_data(toy_manifest(tmp_path / "data", train_size=5))
+    assert isinstance(a.train, TrainSubset) and len(a.train) == 5
+    assert torch.equal(a.train.index, b.train.index)  # the same images in every run
+    assert len(set(a.train.index.tolist())) == 5 and int(a.train.index.max()) < len(full.train)
+    x, y = a.train[2]
+    fx, fy = full.train[int(a.train.index[2])]
+    assert torch.equal(x, fx) and torch.equal(y["left"], fy["left"])
+    assert len(a.val) == len(full.val) and len(a.test) == len(full.test)
+    with pytest.raises(DataError, match="train_size: 999 exceeds"):
+        build_data(toy_manifest(tmp_path / "data", train_size=999))
+    with pytest.raises(ValueError, match="train_size must be positive"):
+        toy_manifest(tmp_path / "data", train_size=0)

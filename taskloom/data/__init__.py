@@ -60,10 +60,16 @@ class DataOptions:
     drop_labels: DropLabelsOptions | None = None
     """Simulate partially labelled data: ``{tasks: [gender, smile], fraction: 0.7, seed: 0}``
     removes those labels from 70% of the training samples (``null``: keep every label)."""
+    train_size: int | None = None
+    """Train on a random subset of this many training samples (reduced budgets). The subset is
+    drawn with a fixed generator, independent of ``seed``, so every run of a comparison sees the
+    same images; validation and test splits are untouched (``null``: the whole training split)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size and eval_batch_size must be >= 1 and num_workers >= 0")
+        if self.train_size is not None and self.train_size < 1:
+            raise ValueError(f"train_size must be positive or null, got {self.train_size}")
 
 
 @dataclasses.dataclass
@@ -116,6 +122,11 @@ def build_data(options: DataOptions) -> DataBundle:
                 f"data.tasks: {unknown or '[]'} not available; {options.name} has tasks {sorted(known)}"
             )
         bundle.tasks = [known[n] for n in options.tasks]
+    if options.train_size is not None:
+        if options.train_size > len(bundle.train):
+            raise DataError(f"data.train_size: {options.train_size} exceeds the {len(bundle.train)} training "
+                            f"samples of {options.name}")
+        bundle.train = TrainSubset(bundle.train, options.train_size)
     if options.drop_labels is not None and options.drop_labels.tasks and options.drop_labels.fraction > 0:
         drop = options.drop_labels
         known = {t.name: t for t in bundle.tasks}
@@ -129,7 +140,35 @@ def build_data(options: DataOptions) -> DataBundle:
     return bundle
 
 
-class PartialLabels(Dataset):
+class _Wrapper(Dataset):
+    """A dataset over another one that exposes the wrapped dataset's helpers."""
+
+    dataset: Dataset
+
+    def __getattr__(self, name: str):  # class_counts, boxes, ...
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class TrainSubset(_Wrapper):
+    """A fixed random subset of ``size`` samples of ``dataset`` (the same for every run)."""
+
+    def __init__(self, dataset: Dataset, size: int):
+        import numpy as np
+
+        self.dataset = dataset
+        rng = np.random.default_rng(0x5B5E7)
+        self.index = torch.from_numpy(np.sort(rng.permutation(len(dataset))[:size]))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        return self.dataset[int(self.index[i])]
+
+
+class PartialLabels(_Wrapper):
     """A dataset whose ``tasks`` lose their targets on a seeded ``fraction`` of the samples
     (replaced by :meth:`Task.missing_like`). Works on any dataset yielding ``(x, {task: y})``."""
 
@@ -147,11 +186,6 @@ class PartialLabels(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-    def __getattr__(self, name: str):  # expose the wrapped dataset's helpers (class_counts, ...)
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitem__(self, i: int):
         x, y = self.dataset[i]

@@ -1,0 +1,194 @@
+"""Results of record: train the grids under ``configs/record/`` and write ``docs/results/``.
+
+    python scripts/record.py run [--jobs 2] [--runs runs/record] [STUDY ...]
+    python scripts/record.py report [--runs runs/record]
+
+``run`` calls ``taskloom compare configs/record/<study>.yaml --resume`` for each study (default:
+all of ``mtfl``, ``utkface``, ``ablations``; a killed run is picked up where it stopped) and
+writes each study's wall time to ``RUNS/<study>/wall_seconds.txt``. ``report`` copies each run
+root's ``results.csv``, ``results.md`` and plots into ``docs/results/<study>/`` and regenerates
+the tables of ``docs/results/README.md`` (between its ``record:`` markers) from those committed
+CSV files alone, so every number there is traceable to a row of a committed ``results.csv``.
+
+Data: the grids leave ``data.root`` unset, so set ``TASKLOOM_DATA`` to the folder that holds
+``mtfl/`` and ``utkface64/`` (here: ``TASKLOOM_DATA=../shared/data``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from taskloom.compare import SINGLE, read_csv, summarize  # noqa: E402
+
+STUDIES = ("mtfl", "utkface", "ablations")
+DOCS = REPO / "docs" / "results"
+ATTRIBUTES = ("gender", "smile", "glasses", "pose")
+
+
+def run(args) -> None:
+    for study in args.studies:
+        root = Path(args.runs) / study
+        started = time.perf_counter()
+        cmd = [sys.executable, "-m", "taskloom", "compare", str(REPO / "configs" / "record" / f"{study}.yaml"),
+               "--jobs", str(args.jobs), "--run-root", str(root), "--resume"]
+        print("$", " ".join(cmd), flush=True)
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            sys.exit(f"{study}: taskloom compare exited with {code}")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _cell(stat: tuple[float, float] | None, scale: float = 1.0, digits: int = 2) -> str:
+    if stat is None or math.isnan(stat[0]):
+        return "–"
+    mean, std = stat
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _list_stat(rows: list[dict], key: str, index: int) -> tuple[float, float] | None:
+    values = [r[key][index] for r in rows if isinstance(r.get(key), list)]
+    if not values:
+        return None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _table(rows: list[dict], labels: list[str], columns: list[tuple[str, str, callable]]) -> str:
+    summary = summarize(rows)["table"]
+    lines = ["| " + " | ".join(["run", *[c[0] for c in columns]]) + " |", "|" + "---|" * (len(columns) + 1)]
+    for label in labels:
+        if label not in summary:
+            continue
+        entry, own = summary[label], [r for r in rows if r["label"] == label]
+        lines.append("| " + " | ".join([label, *[fn(entry, own) for _, _, fn in columns]]) + " |")
+    return "\n".join(lines)
+
+
+def metric(task: str, name: str, scale: float = 100.0, digits: int = 2):
+    return lambda entry, own: _cell(entry["metrics"].get((task, name)), scale, digits)
+
+
+def attribute(task: str):
+    """Accuracy with the macro (class-balanced) accuracy in brackets, in %."""
+    def cell(entry, own):
+        acc, macro = entry["metrics"].get((task, "accuracy")), entry["metrics"].get((task, "macro_accuracy"))
+        if acc is None:
+            return "–"
+        return f"{acc[0] * 100:.1f} ± {acc[1] * 100:.1f} ({macro[0] * 100:.1f})"
+    return cell
+
+
+def left_eye_box(entry, own) -> str:
+    return _cell(_list_stat([r for r in own if r.get("task") in ("", "landmarks")], "landmarks/failure_box_per_landmark", 0), 100, 1)
+
+
+def delta(entry, own) -> str:
+    return "0 (reference)" if entry["baseline"] == own[0]["label"] else _cell(entry["delta_m"], 1.0, 2)
+
+
+def params(entry, own) -> str:
+    ratio = entry["param_ratio"]
+    return f"{entry['params'] / 1000:.0f}k ({ratio:.2f}x)" if not math.isnan(ratio) else f"{entry['params'] / 1000:.0f}k"
+
+
+def seconds(entry, own) -> str:
+    return f"{entry['seconds'][0]:.0f}"
+
+
+def n_seeds(entry, own) -> str:
+    return str(entry["seeds"])
+
+
+LANDMARK_COLUMNS = [
+    ("err/IOD % ↓", "", metric("landmarks", "mean_error_iod")),
+    ("fail >10% IOD % ↓", "", metric("landmarks", "failure_iod", digits=1)),
+    ("err/box % ↓", "", metric("landmarks", "mean_error_box")),
+    ("fail >5% box % ↓", "", metric("landmarks", "failure_box", digits=1)),
+    ("left-eye fail (box) % ↓", "", left_eye_box),
+]
+ATTRIBUTE_COLUMNS = [(f"{a} acc % (macro) ↑", "", attribute(a)) for a in ATTRIBUTES]
+COMMON = [("Δm % ↑", "", delta), ("params (× single)", "", params), ("train s", "", seconds), ("seeds", "", n_seeds)]
+UTK_COLUMNS = [
+    ("age MAE ↓", "", metric("age", "mae", 1.0)),
+    ("age median AE ↓", "", metric("age", "median_ae", 1.0)),
+    ("gender acc % ↑", "", metric("gender", "accuracy", digits=1)),
+    ("race acc % ↑", "", metric("race", "accuracy", digits=1)),
+    ("race macro % ↑", "", metric("race", "macro_accuracy", digits=1)),
+]
+
+
+def tables() -> dict[str, str]:
+    out = {}
+    mtfl = read_csv(DOCS / "mtfl" / "results.csv")
+    pairs = [f"hard[+{a}]" for a in ATTRIBUTES]
+    out["mtfl"] = _table(mtfl, [SINGLE, *pairs, "hard", "cross_stitch", "cross_stitch+l2", "cross_stitch+exp",
+                                "cross_stitch+affine_exp", "nddr"],
+                         [*LANDMARK_COLUMNS, *ATTRIBUTE_COLUMNS, *COMMON])
+    weighting = [f"{arch}{suffix}" for arch in ("hard", "cross_stitch")
+                 for suffix in ("", "/fixed1", "/uncertainty", "/dwa", "/gradnorm", "/pcgrad")]
+    out["weighting"] = _table(mtfl, [SINGLE, *weighting], [*LANDMARK_COLUMNS[:2], *ATTRIBUTE_COLUMNS, *COMMON])
+    utk = read_csv(DOCS / "utkface" / "results.csv")
+    out["utkface"] = _table(utk, [SINGLE, "split@4", "cross_stitch", "sluice(S=2)", "nddr", "nddr_shortcut"],
+                            [*UTK_COLUMNS, *COMMON])
+    abl = read_csv(DOCS / "ablations" / "results.csv")
+    labels = list(dict.fromkeys(r["label"] for r in abl))
+    out["ablations"] = _table(abl, labels, [*UTK_COLUMNS, *COMMON])
+    return out
+
+
+def report(args) -> None:
+    for study in STUDIES:
+        root, dest = Path(args.runs) / study, DOCS / study
+        if not (root / "results.csv").is_file():
+            print(f"{study}: no results.csv under {root}; keeping docs/results/{study} as it is")
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in [root / "results.csv", root / "results.md", root / "wall_seconds.txt", *root.glob("*.png")]:
+            if path.is_file():
+                shutil.copy2(path, dest / path.name)
+    readme = DOCS / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    for name, table in tables().items():
+        pattern = re.compile(rf"(<!-- record:{name} -->\n).*?(\n<!-- /record:{name} -->)", re.S)
+        if not pattern.search(text):
+            sys.exit(f"{readme}: missing the markers <!-- record:{name} --> ... <!-- /record:{name} -->")
+        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
+    readme.write_text(text, encoding="utf-8")
+    print(f"wrote {readme}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("studies", nargs="*", default=list(STUDIES))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--runs", default="runs/record")
+    p.set_defaults(fn=run)
+    p = sub.add_parser("report")
+    p.add_argument("--runs", default="runs/record")
+    p.set_defaults(fn=report)
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        unknown = [s for s in args.studies if s not in STUDIES]
+        if unknown:
+            parser.error(f"unknown studies {unknown}; choose from {list(STUDIES)}")
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
