@@ -116,6 +116,16 @@ def peak_bytes(v: Variant) -> int:
     return peak
 
 
+def step_flops(v: Variant) -> float:
+    """Multiply-add FLOPs of one training step (convolutions and matrix products, forward and
+    backward; elementwise work is not counted), by ``torch.utils.flop_counter``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        v.step()
+    return float(counter.get_total_flops())
+
+
 def make(arch, backbone, shape, k, batch, device, seed=0, batched="off", ckpt=False, channels_last=False, amp=False):
     torch.manual_seed(seed)
     tasks = [ClassificationTask(f"t{i}", 10) for i in range(k)]
@@ -149,16 +159,20 @@ def compare(group: str, variants: dict[str, Variant], baseline: str, args, memor
             if r >= args.warmup:
                 times[n].append(t)
     rows = []
+    flops = {n: step_flops(v) for n, v in variants.items()} if kind == "step" else {}
     for n, v in variants.items():
         q1, med, q3 = quartiles(times[n])
         ratios = [a / b for a, b in zip(times[n], times[baseline])]
         r1, rmed, r3 = quartiles(ratios)
         row = {"group": group, "variant": n, "median_ms": med * 1e3, "iqr_ms": [q1 * 1e3, q3 * 1e3],
                "ratio": rmed, "ratio_iqr": [r1, r3], "rounds": len(times[n])}
+        if flops:
+            row["gflops"], row["flops_ratio"] = flops[n] / 1e9, flops[n] / flops[baseline]
         if memory:
             row["peak_mb"] = peak_bytes(v) / 2**20
         rows.append(row)
         print(f"  {group:28s} {n:22s} {med * 1e3:8.1f} ms  x{rmed:.2f} [{r1:.2f}-{r3:.2f}]"
+              + (f"  FLOPs x{row['flops_ratio']:.2f}" if flops else "")
               + (f"  peak {row['peak_mb']:.1f} MB" if memory else ""), flush=True)
     return rows
 
@@ -358,14 +372,15 @@ def main(argv=None):
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    print("\n| group | variant | median ms | IQR ms | x baseline (paired median) | ratio IQR | peak MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| group | variant | median ms | IQR ms | x baseline (paired median) | ratio IQR | FLOPs x baseline | peak MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "median_ms" not in r:
             continue
         peak = f"{r['peak_mb']:.1f}" if "peak_mb" in r else ""
+        flops = f"{r['flops_ratio']:.3f}" if "flops_ratio" in r else ""
         print(f"| {r['group']} | {r['variant']} | {r['median_ms']:.1f} | {r['iqr_ms'][0]:.0f}–{r['iqr_ms'][1]:.0f} "
-              f"| {r['ratio']:.2f} | {r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f} | {peak} |")
+              f"| {r['ratio']:.2f} | {r['ratio_iqr'][0]:.2f}–{r['ratio_iqr'][1]:.2f} | {flops} | {peak} |")
     loaders = [r for r in rows if r["group"].startswith("loaders")]
     if loaders:
         print("\n| loader | decode samples/s (once) | cached samples/s, 0 workers | 2 workers | model samples/s |")
