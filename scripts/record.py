@@ -160,15 +160,49 @@ def report(args) -> None:
         for path in [root / "results.csv", root / "results.md", root / "wall_seconds.txt", *root.glob("*.png")]:
             if path.is_file():
                 shutil.copy2(path, dest / path.name)
-    readme = DOCS / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    for name, table in tables().items():
-        pattern = re.compile(rf"(<!-- record:{name} -->\n).*?(\n<!-- /record:{name} -->)", re.S)
-        if not pattern.search(text):
-            sys.exit(f"{readme}: missing the markers <!-- record:{name} --> ... <!-- /record:{name} -->")
-        text = pattern.sub(lambda m: m.group(1) + table + m.group(2), text)
-    readme.write_text(text, encoding="utf-8")
-    print(f"wrote {readme}")
+    mtfl_runs = Path(args.runs) / "mtfl"
+    adaptive = [d for label in ("uncertainty", "dwa", "gradnorm") for arch in ("hard", "cross_stitch")
+                for d in sorted((mtfl_runs / f"{arch}_{label}").glob("s0-*"))]
+    if adaptive:
+        print("wrote", plot_weights(adaptive, DOCS / "mtfl" / "task_weights.png"))
+    generated = tables()
+    for page, names in {"README.md": ("mtfl", "utkface", "ablations"), "weighting_mtfl.md": ("weighting",)}.items():
+        path = DOCS / page
+        text = path.read_text(encoding="utf-8")
+        for name in names:
+            pattern = re.compile(rf"(<!-- record:{name} -->\n).*?(\n<!-- /record:{name} -->)", re.S)
+            if not pattern.search(text):
+                sys.exit(f"{path}: missing the markers <!-- record:{name} --> ... <!-- /record:{name} -->")
+            text = pattern.sub(lambda m: m.group(1) + generated[name] + m.group(2), text)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+
+
+def plot_weights(run_dirs: list[Path], out: Path) -> Path:
+    """One panel per run: the per-epoch task weights that ``metrics.jsonl`` logs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(len(run_dirs), 3)
+    rows = math.ceil(len(run_dirs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, run_dir in zip(axes.flat, run_dirs):
+        lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        for task in (lines[0]["task_weights"] if lines else {}):
+            ax.plot([l["epoch"] for l in lines], [l["task_weights"][task] for l in lines], marker="o", label=task)
+        ax.set_title(f"{run_dir.parent.name}, {run_dir.name.split('-')[0]}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("task weight")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(run_dirs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

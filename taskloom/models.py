@@ -371,14 +371,28 @@ def build_ensemble(options: EnsembleOptions, backbone: Backbone, tasks: list[Tas
 
 
 @dataclasses.dataclass
-class CrossStitchOptions(ArchOptions):
+class MixedTowersOptions(ArchOptions):
+    """Where the mixers of a tower architecture go (cross-stitch, NDDR, sluice)."""
+
+    split_at: int = 0
+    """Stages shared below the towers (0: towers from the input, as in the papers)."""
+    after: list[int] | None = None
+    """1-based stages after which a mixer is placed; ``null``: after every tower stage."""
+
+    def placement(self, backbone: Backbone) -> tuple[int, list[int]]:
+        """``(split_at, stages that get a mixer)``, both checked against the backbone."""
+        split_at = _check_stage(self.split_at, backbone, "split_at")
+        stages = self.after if self.after is not None else range(split_at + 1, backbone.num_stages + 1)
+        for stage in stages:
+            _check_stage(stage, backbone, "after", low=split_at + 1)
+        return split_at, sorted(set(stages))
+
+
+@dataclasses.dataclass
+class CrossStitchOptions(MixedTowersOptions):
     """Cross-stitch units between task towers (Misra et al., CVPR 2016)."""
 
     name: str = "cross_stitch"
-    split_at: int = 0
-    """Stages shared below the towers (0: towers from the input, as in the paper)."""
-    after: list[int] | None = None
-    """1-based stages after which a unit is placed; ``null``: after every tower stage."""
     granularity: Literal["channel", "layer"] = "channel"
     alpha_same: float = 0.9
     alpha_diff: float | None = None
@@ -388,14 +402,11 @@ class CrossStitchOptions(ArchOptions):
 @ARCHITECTURES.register("cross_stitch", CrossStitchOptions)
 def build_cross_stitch(options: CrossStitchOptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
     """Task towers exchanging features through cross-stitch units."""
-    split_at = _check_stage(options.split_at, backbone, "split_at")
-    after = options.after if options.after is not None else range(split_at + 1, backbone.num_stages + 1)
-    for stage in after:
-        _check_stage(stage, backbone, "after", low=split_at + 1)
+    split_at, stages = options.placement(backbone)
     mixers = {
         stage: CrossStitch(len(tasks), backbone.shapes[stage - 1][0], options.granularity,
                            options.alpha_same, options.alpha_diff)
-        for stage in sorted(set(after))
+        for stage in stages
     }
     return towers_with_mixers(backbone, tasks, split_at, mixers)
 
@@ -581,23 +592,12 @@ class CrossResidual(nn.Module):
 # --------------------------------------------------------------------------- NDDR, sluice, X-ResNet
 
 
-def _placement(after: list[int] | None, split_at: int, backbone: Backbone) -> list[int]:
-    stages = after if after is not None else range(split_at + 1, backbone.num_stages + 1)
-    for stage in stages:
-        _check_stage(stage, backbone, "after", low=split_at + 1)
-    return sorted(set(stages))
-
-
 @dataclasses.dataclass
-class NDDROptions(ArchOptions):
+class NDDROptions(MixedTowersOptions):
     """NDDR layers between task towers (Gao et al., CVPR 2019). The paper also puts weight decay
     on the 1x1 weights: set ``train.groups.fusion.weight_decay`` (the nddr configs do)."""
 
     name: str = "nddr"
-    split_at: int = 0
-    """Stages shared below the towers (0: towers from the input, as in the paper)."""
-    after: list[int] | None = None
-    """1-based stages after which an NDDR layer is placed; ``null``: every tower stage."""
     init: Literal["diagonal", "xavier"] = "diagonal"
     alpha: float = 0.9
     """Diagonal init: weight of the task's own features."""
@@ -609,8 +609,7 @@ class NDDROptions(ArchOptions):
 
 
 def _nddr_mixers(options: NDDROptions, backbone: Backbone, tasks: list[Task]) -> tuple[int, dict[int, Mixer]]:
-    split_at = _check_stage(options.split_at, backbone, "split_at")
-    stages = _placement(options.after, split_at, backbone)
+    split_at, stages = options.placement(backbone)
     return split_at, {
         stage: NDDR(len(tasks), backbone.shapes[stage - 1][0], options.init, options.alpha, options.beta,
                     options.batch_norm, options.activation)
@@ -654,13 +653,10 @@ def build_nddr_shortcut(options: NDDRShortcutOptions, backbone: Backbone, tasks:
 
 
 @dataclasses.dataclass
-class SluiceOptions(ArchOptions):
+class SluiceOptions(MixedTowersOptions):
     """Sluice networks (Ruder et al., AAAI 2019) on task towers."""
 
     name: str = "sluice"
-    split_at: int = 0
-    after: list[int] | None = None
-    """1-based stages after which a sluice unit is placed; ``null``: every tower stage."""
     subspaces: int = 2
     """S, subspaces per task (must divide every mixed stage's channels; NDDR's comparison used 2)."""
     alpha_same: float = 0.9
@@ -676,8 +672,7 @@ class SluiceOptions(ArchOptions):
 @ARCHITECTURES.register("sluice", SluiceOptions)
 def build_sluice(options: SluiceOptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
     """Task towers mixed per subspace by sluice units, optional beta layer mixing and orthogonality penalty."""
-    split_at = _check_stage(options.split_at, backbone, "split_at")
-    stages = _placement(options.after, split_at, backbone)
+    split_at, stages = options.placement(backbone)
     if options.subspaces < 1:
         raise ConfigError(f"model.architecture.subspaces: must be at least 1, got {options.subspaces}")
     if options.orthogonality < 0:

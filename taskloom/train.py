@@ -386,7 +386,8 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
     from tqdm import tqdm
 
     show = train.progress and sys.stderr.isatty() and ctx.is_main
-    with _stop_requests() as stop:
+    # closing(): the TensorBoard files are flushed and closed on an interrupt or error too
+    with _stop_requests() as stop, (contextlib.closing(writer) if writer is not None else contextlib.nullcontext()):
         while state["epoch"] < train.epochs:
             epoch = state["epoch"]
             started = time.perf_counter()
@@ -465,8 +466,6 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
             log(f"epoch {epoch + 1}/{train.epochs}  loss {sum(weights[n] * v for n, v in train_loss.items()):.4f}  "
                 f"val: {summary}  ({time.perf_counter() - started:.1f}s)")
 
-    if writer is not None:
-        writer.close()
     best = checkpoint.load(ckpt_dir / "best.pt")
     model.load_state_dict(best["model"])
     test, _ = evaluate_split(data.test)

@@ -26,9 +26,27 @@ def test_shipped_default_config_equals_the_built_in_default():
     assert cfg.to_dict(cfg.load(REPO / "configs/multimnist/cross_stitch.yaml")) == cfg.to_dict(cfg.load())
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+GRIDS = REPO / "configs" / "record"  # `taskloom compare` grids, not experiment configs
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if GRIDS not in p.parents),
+                         ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     cfg.load(path)
+
+
+@pytest.mark.parametrize("path", sorted(GRIDS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_record_grid_entry_validates(path):
+    import json
+
+    from taskloom.compare import load_grid
+
+    grid = load_grid(path)
+    for entry in grid.entries:
+        arch = [f"model.architecture={json.dumps(entry['architecture'])}"]
+        sweeps = [[]] + [[f"{key}={json.dumps(v)}"] for key, values in entry["sweep"].items() for v in values]
+        for sweep in sweeps:
+            cfg.load(grid.base, [*grid.overrides, *arch, *entry["overrides"], *sweep])
 
 
 def test_unknown_key_names_file_line_and_suggestion(tmp_path):
