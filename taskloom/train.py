@@ -416,8 +416,12 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
                 used = precision.backward(weighting, losses, penalties, model)
                 precision.step(optimizer, model, train.grad_clip)
                 state["step"] += 1
-                for name, loss in losses.items():
-                    partial["loss_sum"][name] = partial["loss_sum"].get(name, 0.0) + loss.item() * len(x)
+                for t in tasks:
+                    # A task's loss is a mean over its labelled samples: weight it by their count.
+                    n = int(t.labelled(y[t.name]).sum())
+                    partial["loss_sum"][t.name] = partial["loss_sum"].get(t.name, 0.0) + losses[t.name].item() * n
+                    labelled = partial.setdefault("labelled", {})
+                    labelled[t.name] = labelled.get(t.name, 0) + n
                 for name, value in penalties.items():
                     partial["penalty_sum"][name] = partial["penalty_sum"].get(name, 0.0) + value.item() * len(x)
                 for name, value in used.items():
@@ -441,7 +445,7 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
                 scheduler.step(score)
             else:
                 scheduler.step()
-            train_loss = _mean_over_ranks(ctx, partial["loss_sum"], partial["count"])
+            train_loss = _mean_over_ranks(ctx, partial["loss_sum"], partial.get("labelled", partial["count"]))
             weighting.epoch_end(train_loss)
             state["seconds"] += time.perf_counter() - started
             improved = score > state["best_score"]
@@ -484,15 +488,18 @@ def task_info(tasks: list[Task]) -> dict[str, dict[str, Any]]:
             for t in tasks}
 
 
-def _mean_over_ranks(ctx: distributed.Context, sums: dict[str, float], count: int) -> dict[str, float]:
+def _mean_over_ranks(ctx: distributed.Context, sums: dict[str, float],
+                    count: int | dict[str, int]) -> dict[str, float]:
+    """Per-key means over all ranks: ``sums[k] / count`` (or ``/ count[k]``, per-key counts)."""
     names = sorted(sums)
-    totals = ctx.sum([sums[n] for n in names] + [float(count)])
-    return {n: s / max(totals[-1], 1.0) for n, s in zip(names, totals)}
+    counts = [float(count[n] if isinstance(count, dict) else count) for n in names]
+    totals = ctx.sum([sums[n] for n in names] + counts)
+    return {n: s / max(c, 1.0) for n, s, c in zip(names, totals[:len(names)], totals[len(names):])}
 
 
 def _empty_partial() -> dict[str, Any]:
     """Running sums of the epoch in progress (checkpointed for mid-epoch resume)."""
-    return {"loss_sum": {}, "penalty_sum": {}, "weight_sum": {}, "count": 0}
+    return {"loss_sum": {}, "labelled": {}, "penalty_sum": {}, "weight_sum": {}, "count": 0}
 
 
 def _truncate_log(path: Path, epochs_done: int) -> None:
