@@ -47,7 +47,10 @@ def run(args) -> None:
         if code != 0:
             sys.exit(f"{study}: taskloom compare exited with {code}")
         root.mkdir(parents=True, exist_ok=True)
-        (root / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.0f}\n")
+        # resumed passes add up: the file holds the wall time of every pass over this run root
+        wall = root / "wall_seconds.txt"
+        before = float(wall.read_text()) if wall.is_file() else 0.0
+        wall.write_text(f"{before + time.perf_counter() - started:.0f}\n")
 
 
 # --------------------------------------------------------------------------- tables
@@ -86,14 +89,14 @@ def attribute(task: str):
     """Accuracy with the macro (class-balanced) accuracy in brackets, in %."""
     def cell(entry, own):
         acc, macro = entry["metrics"].get((task, "accuracy")), entry["metrics"].get((task, "macro_accuracy"))
-        if acc is None:
+        if acc is None or math.isnan(acc[0]):
             return "–"
         return f"{acc[0] * 100:.1f} ± {acc[1] * 100:.1f} ({macro[0] * 100:.1f})"
     return cell
 
 
 def left_eye_box(entry, own) -> str:
-    return _cell(_list_stat([r for r in own if r.get("task") in ("", "landmarks")], "landmarks/failure_box_per_landmark", 0), 100, 1)
+    return _cell(_list_stat([r for r in own if r.get("task") in (None, "", "landmarks")], "landmarks/failure_box_per_landmark", 0), 100, 1)
 
 
 def delta(entry, own) -> str:
@@ -132,21 +135,24 @@ UTK_COLUMNS = [
 
 
 def tables() -> dict[str, str]:
+    """The summary tables of every study whose ``results.csv`` is committed."""
     out = {}
-    mtfl = read_csv(DOCS / "mtfl" / "results.csv")
-    pairs = [f"hard[+{a}]" for a in ATTRIBUTES]
-    out["mtfl"] = _table(mtfl, [SINGLE, *pairs, "hard", "cross_stitch", "cross_stitch+l2", "cross_stitch+exp",
-                                "cross_stitch+affine_exp", "nddr"],
-                         [*LANDMARK_COLUMNS, *ATTRIBUTE_COLUMNS, *COMMON])
-    weighting = [f"{arch}{suffix}" for arch in ("hard", "cross_stitch")
-                 for suffix in ("", "/fixed1", "/uncertainty", "/dwa", "/gradnorm", "/pcgrad")]
-    out["weighting"] = _table(mtfl, [SINGLE, *weighting], [*LANDMARK_COLUMNS[:2], *ATTRIBUTE_COLUMNS, *COMMON])
-    utk = read_csv(DOCS / "utkface" / "results.csv")
-    out["utkface"] = _table(utk, [SINGLE, "split@4", "cross_stitch", "sluice(S=2)", "nddr", "nddr_shortcut"],
-                            [*UTK_COLUMNS, *COMMON])
-    abl = read_csv(DOCS / "ablations" / "results.csv")
-    labels = list(dict.fromkeys(r["label"] for r in abl))
-    out["ablations"] = _table(abl, labels, [*UTK_COLUMNS, *COMMON])
+    if (DOCS / "mtfl" / "results.csv").is_file():
+        mtfl = read_csv(DOCS / "mtfl" / "results.csv")
+        pairs = [f"hard[+{a}]" for a in ATTRIBUTES]
+        out["mtfl"] = _table(mtfl, [SINGLE, *pairs, "hard", "cross_stitch", "cross_stitch+l2", "cross_stitch+exp",
+                                    "cross_stitch+affine_exp", "nddr"],
+                             [*LANDMARK_COLUMNS, *ATTRIBUTE_COLUMNS, *COMMON])
+        weighting = [f"{arch}{suffix}" for arch in ("hard", "cross_stitch")
+                     for suffix in ("", "/fixed1", "/uncertainty", "/uncertainty-lr100", "/dwa", "/gradnorm", "/pcgrad")]
+        out["weighting"] = _table(mtfl, [SINGLE, *weighting], [*LANDMARK_COLUMNS[:2], *ATTRIBUTE_COLUMNS, *COMMON])
+    if (DOCS / "utkface" / "results.csv").is_file():
+        utk = read_csv(DOCS / "utkface" / "results.csv")
+        out["utkface"] = _table(utk, [SINGLE, "split@4", "cross_stitch", "sluice(S=2)", "nddr", "nddr_shortcut"],
+                                [*UTK_COLUMNS, *COMMON])
+    if (DOCS / "ablations" / "results.csv").is_file():
+        abl = read_csv(DOCS / "ablations" / "results.csv")
+        out["ablations"] = _table(abl, list(dict.fromkeys(r["label"] for r in abl)), [*UTK_COLUMNS, *COMMON])
     return out
 
 
@@ -161,7 +167,7 @@ def report(args) -> None:
             if path.is_file():
                 shutil.copy2(path, dest / path.name)
     mtfl_runs = Path(args.runs) / "mtfl"
-    adaptive = [d for label in ("uncertainty", "dwa", "gradnorm") for arch in ("hard", "cross_stitch")
+    adaptive = [d for label in ("uncertainty", "uncertainty-lr100", "dwa", "gradnorm") for arch in ("hard", "cross_stitch")
                 for d in sorted((mtfl_runs / f"{arch}_{label}").glob("s0-*"))]
     if adaptive:
         print("wrote", plot_weights(adaptive, DOCS / "mtfl" / "task_weights.png"))
@@ -169,11 +175,11 @@ def report(args) -> None:
     for page, names in {"README.md": ("mtfl", "utkface", "ablations"), "weighting_mtfl.md": ("weighting",)}.items():
         path = DOCS / page
         text = path.read_text(encoding="utf-8")
-        for name in names:
-            pattern = re.compile(rf"(<!-- record:{name} -->\n).*?(\n<!-- /record:{name} -->)", re.S)
+        for name in [n for n in names if n in generated]:
+            pattern = re.compile(rf"(<!-- record:{name} -->\n)(?:.*?\n)?(<!-- /record:{name} -->)", re.S)
             if not pattern.search(text):
                 sys.exit(f"{path}: missing the markers <!-- record:{name} --> ... <!-- /record:{name} -->")
-            text = pattern.sub(lambda m: m.group(1) + generated[name] + m.group(2), text)
+            text = pattern.sub(lambda m: m.group(1) + generated[name] + "\n" + m.group(2), text)
         path.write_text(text, encoding="utf-8")
         print(f"wrote {path}")
 

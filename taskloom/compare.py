@@ -305,15 +305,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     baselines = {row["baseline"] for row in rows if row["label"] == row["baseline"]}
     single: dict[str, dict[str, dict[str, float]]] = {}
     single_params: dict[str, float] = {}
+    task_params: dict[str, dict[str, float]] = {}  # per baseline: parameters of each task's network
     for base in baselines:
-        single[base], single_params[base] = {}, 0.0
+        single[base], single_params[base], task_params[base] = {}, 0.0, {}
         for task in tasks:
             runs = [r for r in rows if r["label"] == base and r["task"] == task]
             if runs:
                 single[base][task] = {m: _mean_std([r.get(f"{task}/{m}") for r in runs])[0]
                                       for m in info[task]["higher_is_better"]
                                       if not isinstance(runs[0].get(f"{task}/{m}"), list)}
-                single_params[base] += statistics.fmean(r["params"] for r in runs)
+                task_params[base][task] = statistics.fmean(r["params"] for r in runs)
+                single_params[base] += task_params[base][task]
     labels = list(dict.fromkeys(r["label"] for r in rows))
     table: dict[str, Any] = {}
     for label in labels:
@@ -336,7 +338,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             entry["params"] = statistics.fmean(r["params"] for r in runs)
             entry["seconds"] = _mean_std([r["seconds"] for r in runs])
             entry["delta_m"] = _mean_std([delta_m(r, info, single.get(base, {})) for r in runs])
-        entry["param_ratio"] = entry["params"] / single_params[base] if single_params.get(base) else math.nan
+        # against the single-task networks of the run's own tasks (a pair is compared with two)
+        own = runs[0]["task_info"] if isinstance(runs[0].get("task_info"), dict) and not is_single else {}
+        reference = sum(task_params.get(base, {}).get(t, math.nan) for t in own) if own else single_params.get(base)
+        entry["param_ratio"] = entry["params"] / reference if reference else math.nan
         table[label] = entry
     return {"tasks": info, "table": table}
 
