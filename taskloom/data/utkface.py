@@ -34,9 +34,9 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from taskloom.data import DATASETS, DataBundle, DataOptions, resolve_root
+from taskloom.data.manifest import ManifestSet
 from taskloom.errors import DataError
 from taskloom.tasks import ClassificationTask, OrdinalExpectationTask, RegressionTask
 
@@ -121,28 +121,22 @@ def split_of(name: str) -> str:
     return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
 
 
-class FaceSet(Dataset):
-    """Faces ``(N, 3, S, S)`` uint8 with ``age`` (float), ``gender`` and ``race`` (int64)."""
+class FaceSet(ManifestSet):
+    """Faces ``(N, 3, S, S)`` uint8 with targets ``age`` (float), ``gender`` and ``race``
+    (int64): a :class:`~taskloom.data.manifest.ManifestSet` with UTKFace's class counts."""
 
-    def __init__(self, images: Tensor, age: Tensor, gender: Tensor, race: Tensor, names: list[str], flip: bool = False):
-        self.images, self.age, self.gender, self.race, self.names, self.flip = images, age, gender, race, names, flip
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
-        x = self.images[i].float().div_(255.0)
-        if self.flip and torch.rand(()) < 0.5:
-            x = torch.flip(x, dims=[-1])
-        return x, {"age": self.age[i], "gender": self.gender[i], "race": self.race[i]}
+    @property
+    def names(self) -> list[str]:
+        return self.paths
 
     def class_counts(self) -> dict[str, dict[str, int]]:
-        ages = self.age.long()
+        ages, gender, race = (self.targets[k] for k in ("age", "gender", "race"))
+        ages = ages.long()
         bands = {f"{lo}-{hi}": int(((ages >= lo) & (ages <= hi)).sum())
                  for lo, hi in ((0, 9), (10, 19), (20, 29), (30, 39), (40, 49), (50, 59), (60, 69), (70, 130))}
         return {
-            "gender": {g: int((self.gender == k).sum()) for k, g in enumerate(GENDERS)},
-            "race": {r: int((self.race == k).sum()) for k, r in enumerate(RACES)},
+            "gender": {g: int((gender == k).sum()) for k, g in enumerate(GENDERS)},
+            "race": {r: int((race == k).sum()) for k, r in enumerate(RACES)},
             "age (years)": bands,
         }
 
@@ -215,9 +209,10 @@ def scan(options: UTKFaceOptions) -> Scan:
     for split, p in parts.items():
         n = len(p["img"])
         images = torch.from_numpy(np.stack(p["img"])).permute(0, 3, 1, 2).contiguous() if n else torch.zeros(0, 3, s, s, dtype=torch.uint8)
-        splits[split] = FaceSet(images, torch.tensor(p["age"], dtype=torch.float32),
-                                torch.tensor(p["gender"], dtype=torch.int64), torch.tensor(p["race"], dtype=torch.int64),
-                                p["name"])
+        targets = {"age": torch.tensor(p["age"], dtype=torch.float32),
+                   "gender": torch.tensor(p["gender"], dtype=torch.int64),
+                   "race": torch.tensor(p["race"], dtype=torch.int64)}
+        splits[split] = FaceSet(images, targets, p["name"])
     result = Scan(folder, len(names), splits, malformed, damaged, time.perf_counter() - started)
     _CACHE[key] = result
     return result
@@ -245,7 +240,7 @@ def build_utkface(options: UTKFaceOptions) -> DataBundle:
         raise DataError(f"utkface: too few usable images in {result.folder} for train/val/test "
                         f"({ {k: len(v) for k, v in result.splits.items()} })")
     train = result.splits["train"]
-    train = FaceSet(train.images, train.age, train.gender, train.race, train.names, flip=options.flip)
+    train = FaceSet(train.images, train.targets, train.paths, flip=options.flip)
     s = options.size
     return DataBundle(train, result.splits["val"], result.splits["test"], make_tasks(options), (3, s, s))
 
