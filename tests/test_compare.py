@@ -128,3 +128,19 @@ def test_bad_grid(tmp_path):
     path.write_text("architecture: [single]\n")
     with pytest.raises(ConfigError, match="unknown grid keys"):
         compare.load_grid(path)
+
+
+def test_parameter_ratio_of_a_run_on_a_subset_of_tasks_uses_its_own_tasks():
+    info = {t: {"kind": "classification", "primary": "accuracy", "higher_is_better": {"accuracy": True}}
+            for t in ("a", "b", "c")}
+    rows = [{"label": "single-task", "seed": 0, "task": t, "baseline": "single-task", "params": p,
+             "seconds": 1.0, "task_info": {t: info[t]}, f"{t}/accuracy": 0.5}
+            for t, p in (("a", 100), ("b", 200), ("c", 300))]
+    rows.append({"label": "pair", "seed": 0, "task": None, "baseline": "single-task", "params": 150, "seconds": 1.0,
+                 "task_info": {"a": info["a"], "b": info["b"]}, "a/accuracy": 0.5, "b/accuracy": 0.5})
+    rows.append({"label": "all", "seed": 0, "task": None, "baseline": "single-task", "params": 300, "seconds": 1.0,
+                 "task_info": info, "a/accuracy": 0.5, "b/accuracy": 0.5, "c/accuracy": 0.5})
+    table = compare.summarize(rows)["table"]
+    assert table["pair"]["param_ratio"] == pytest.approx(150 / 300)  # against the a and b networks only
+    assert table["all"]["param_ratio"] == pytest.approx(300 / 600)
+    assert table["single-task"]["param_ratio"] == pytest.approx(1.0)

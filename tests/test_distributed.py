@@ -89,3 +89,22 @@ def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
     resumed = _torchrun(run_dir, *longer, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_close(_weights(reference), _weights(run_dir))
+
+
+def test_teardown_leaves_a_process_group_the_caller_created(monkeypatch):
+    import torch.distributed as dist
+
+    from taskloom import distributed
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "0")
+        ctx = distributed.setup("cpu")
+        assert ctx.enabled and not ctx.owns_group
+        distributed.teardown(ctx)
+        assert dist.is_initialized()  # the caller's group survives fit()'s teardown
+    finally:
+        dist.destroy_process_group()

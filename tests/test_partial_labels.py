@@ -255,3 +255,39 @@ def test_train_size_keeps_a_fixed_subset_of_the_training_split(tmp_path):
         build_data(toy_manifest(tmp_path / "data", train_size=999))
     with pytest.raises(ValueError, match="train_size must be positive"):
         toy_manifest(tmp_path / "data", train_size=0)
+
+
+def test_train_loss_is_the_mean_over_labelled_samples(tmp_path):
+    # With a learning rate of 1e-12 the model does not move, so the logged training loss of a
+    # partially labelled task must equal its loss over all labelled training samples at once,
+    # whatever the batches; weighting batch means by batch size (the old rule) does not.
+    import json
+
+    from taskloom.backbones import LeNetOptions
+    from taskloom.config import TrainConfig
+    from taskloom.models import SplitOptions, build_model
+    from taskloom.train import _epoch_batches, fit
+
+    options = toy_manifest(tmp_path / "data", batch_size=8,
+                           drop_labels=DropLabelsOptions(tasks=["level"], fraction=0.6, seed=1))
+    data = build_data(options)
+    torch.manual_seed(0)
+    model = build_model(SplitOptions(at=2), LeNetOptions(), data.tasks, data.input_shape)
+    fit(model, data, TrainConfig(epochs=1, lr=1e-12, threads=1, progress=False), tmp_path / "run",
+        batch_size=8, log=lambda *a: None)
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]["level"]
+    task = next(t for t in data.tasks if t.name == "level")
+    model.train()
+    with torch.no_grad():
+        samples = [data.train[i] for i in range(len(data.train))]
+        x = torch.stack([s[0] for s in samples])
+        y = torch.stack([s[1]["level"] for s in samples])
+        out = model(x)["level"]
+        expected = task.loss(out, y).item()
+        old = 0.0
+        for batch in _epoch_batches(len(samples), 8, 0, 0):
+            loss = task.loss(out[batch], y[batch])
+            old += (loss.item() if task.labelled(y[batch]).any() else 0.0) * len(batch)
+        old /= len(samples)
+    assert logged == pytest.approx(expected, rel=1e-4)
+    assert old != pytest.approx(expected, rel=1e-2)  # the batches hold uneven shares of labels
