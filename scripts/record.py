@@ -6,9 +6,12 @@
 ``run`` calls ``taskloom compare configs/record/<study>.yaml --resume`` for each study (default:
 all of ``mtfl``, ``utkface``, ``ablations``; a killed run is picked up where it stopped) and
 writes each study's wall time to ``RUNS/<study>/wall_seconds.txt``. ``report`` copies each run
-root's ``results.csv``, ``results.md`` and plots into ``docs/results/<study>/`` and regenerates
-the tables of ``docs/results/README.md`` (between its ``record:`` markers) from those committed
-CSV files alone, so every number there is traceable to a row of a committed ``results.csv``.
+root's ``results.csv`` (and class counts, wall time) into ``docs/results/<study>/``, then, for
+every study folder under ``docs/results/`` that holds a ``results.csv`` (``multimnist_default``
+included), regenerates its ``results.md`` and plots (``relative_change.png`` heatmap,
+``metric_vs_params.png``, per-class gains where class counts are known) and the tables of
+``docs/results/README.md`` (between its ``record:`` markers) from those committed CSV files
+alone, so every number there is traceable to a row of a committed ``results.csv``.
 
 Data: the grids leave ``data.root`` unset, so set ``TASKLOOM_DATA`` to the folder that holds
 ``mtfl/`` and ``utkface64/`` (here: ``TASKLOOM_DATA=../shared/data``).
@@ -29,7 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from taskloom.compare import SINGLE, read_csv, summarize  # noqa: E402
+from taskloom.grid import SINGLE  # noqa: E402
+from taskloom.summary import read_csv, summarize, write_results  # noqa: E402
 
 STUDIES = ("mtfl", "utkface", "ablations")
 DOCS = REPO / "docs" / "results"
@@ -163,9 +167,13 @@ def report(args) -> None:
             print(f"{study}: no results.csv under {root}; keeping docs/results/{study} as it is")
             continue
         dest.mkdir(parents=True, exist_ok=True)
-        for path in [root / "results.csv", root / "results.md", root / "wall_seconds.txt", *root.glob("*.png")]:
-            if path.is_file():
-                shutil.copy2(path, dest / path.name)
+        for name in ("results.csv", "class_counts.json", "wall_seconds.txt"):
+            if (root / name).is_file():
+                shutil.copy2(root / name, dest / name)
+    for dest in sorted(p.parent for p in DOCS.glob("*/results.csv")):
+        md = dest / "results.md"
+        title = md.read_text(encoding="utf-8").partition("\n")[0].lstrip("# ") if md.is_file() else ""
+        print("wrote", write_results(dest, title=title or f"Comparison: {dest.name}"))
     mtfl_runs = Path(args.runs) / "mtfl"
     adaptive = [d for label in ("uncertainty", "uncertainty-lr100", "dwa", "gradnorm") for arch in ("hard", "cross_stitch")
                 for d in sorted((mtfl_runs / f"{arch}_{label}").glob("s0-*"))]

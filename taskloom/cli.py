@@ -123,7 +123,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _print_final(final: dict) -> None:
-    from taskloom.report import metrics_table
+    from taskloom.tables import metrics_table
 
     print(metrics_table(final["tasks"]))
     print(f"parameters: {final['params']:,}   split: {final['split']}")

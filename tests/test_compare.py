@@ -1,12 +1,14 @@
 import json
 import math
+import shutil
 
 import pytest
 import yaml
 
-from taskloom import compare
+from taskloom import runs, summary
 from taskloom.cli import main
 from taskloom.errors import ConfigError
+from taskloom.grid import Grid, Job, expand, load_grid
 
 TINY = ["train.epochs=1", "data.train_pairs=256", "data.val_pairs=64", "data.test_pairs=64",
         "model.backbone.channels=[4,8]", "model.backbone.hidden=16", "train.progress=false"]
@@ -24,13 +26,15 @@ def finished(tmp_path_factory):
 
 def test_grid_runs_baselines_and_writes_results(finished):
     _, out = finished
-    rows = compare.read_csv(out / "results.csv")
+    rows = summary.read_csv(out / "results.csv")
     assert sorted((r["label"], r["task"] or "") for r in rows) == [
         ("cross_stitch", ""), ("single-task", "left"), ("single-task", "right"), ("split@1", "")]
     md = (out / "results.md").read_text()
     for label in ("single-task", "split@1", "cross_stitch", "Δm", "× single"):
         assert label in md
     assert (out / "metric_vs_params.png").stat().st_size > 1000
+    assert (out / "relative_change.png").stat().st_size > 1000
+    assert "![relative change" in md and "(relative_change.png)" in md
     assert (out / "per_class_gain_left.png").is_file()
 
 
@@ -54,11 +58,32 @@ def test_a_killed_job_is_rerun_from_its_checkpoint(finished, capsys):
     assert "--resume" in (victim.parent / "log.txt").read_text()
 
 
+def test_resume_reports_a_run_whose_stored_config_differs(finished, tmp_path, capsys):
+    """A default that changed since a run was trained keeps the run's fingerprint (defaults are
+    not hashed): --resume stops and lists it, --changed keep reuses it as it is."""
+    grid, out = finished
+    root = tmp_path / "out"
+    shutil.copytree(out, root)
+    stored = next(root.glob("cross_stitch/*/job.yaml"))
+    config = yaml.safe_load(stored.read_text())
+    config["train"]["lr"] = 0.5  # as if the default learning rate had been 0.5 then
+    stored.write_text(yaml.safe_dump(config))
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("final.json")}
+    assert main(["compare", str(grid), "--run-root", str(root), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "1 run(s) were started with a config that differs" in err
+    assert "cross_stitch seed 0" in err and "train.lr 0.5 -> 0.001" in err and "--changed keep" in err
+    assert main(["compare", str(grid), "--run-root", str(root), "--resume", "--changed", "keep"]) == 0
+    assert "4 already finished, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("final.json")} == before
+    assert yaml.safe_load(stored.read_text())["train"]["lr"] == 0.5
+
+
 def test_failed_job_is_retried_once(tmp_path, monkeypatch):
-    job = compare.Job("x", 0, {}, tmp_path / "x")
+    job = Job("x", 0, {}, tmp_path / "x")
     calls = []
 
-    def flaky(j, threads):
+    def flaky(j, threads, started):
         calls.append(j)
         if len(calls) == 2:
             j.run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,8 +91,8 @@ def test_failed_job_is_retried_once(tmp_path, monkeypatch):
             return 0
         return -9
 
-    monkeypatch.setattr(compare, "_launch", flaky)
-    assert compare.run_jobs([job], 1, resume=True, log=lambda *_: None) == []
+    monkeypatch.setattr(runs, "launch", flaky)
+    assert runs.run_jobs([job], 1, resume=True, log=lambda *_: None) == []
     assert len(calls) == 2
 
 
@@ -80,39 +105,26 @@ def test_results_md_is_regenerated_from_the_csv(finished):
 
 
 def test_a_changed_config_is_a_new_run(tmp_path):
-    grid = compare.Grid(None, TINY, 1, [{"label": "s", "architecture": "split@1", "overrides": [], "sweep": {}}])
-    a = compare.expand(grid, 1, tmp_path)
+    grid = Grid(None, TINY, 1, [{"label": "s", "architecture": "split@1", "overrides": [], "sweep": {}}])
+    a = expand(grid, 1, tmp_path)
     grid.overrides = [*TINY, "train.lr=0.002"]
-    b = compare.expand(grid, 1, tmp_path)
+    b = expand(grid, 1, tmp_path)
     assert {j.run_dir for j in a}.isdisjoint({j.run_dir for j in b})
     assert len(a) == 3  # two single-task baselines + split@1
 
 
 def test_split_all_enumerates_every_split_point(tmp_path):
-    grid = compare.Grid(None, TINY, 1, [{"label": "split@all", "architecture": "split@all", "overrides": [], "sweep": {}}])
-    labels = [j.label for j in compare.expand(grid, 2, tmp_path)]
+    grid = Grid(None, TINY, 1, [{"label": "split@all", "architecture": "split@all", "overrides": [], "sweep": {}}])
+    labels = [j.label for j in expand(grid, 2, tmp_path)]
     assert [l for l in labels if l.startswith("split")] == [f"split@{k}" for k in range(4) for _ in range(2)]
-
-
-def test_delta_m_formula():
-    info = {"a": {"primary": "accuracy", "higher_is_better": {"accuracy": True}},
-            "b": {"primary": "mae", "higher_is_better": {"mae": False}}}
-    single = {"a": {"accuracy": 0.8}, "b": {"mae": 10.0}}
-    row = {"a/accuracy": 0.88, "b/mae": 11.0}  # +10% and -10% -> 0
-    assert compare.delta_m(row, info, single) == pytest.approx(0.0)
-    row = {"a/accuracy": 0.88, "b/mae": 9.0}
-    assert compare.delta_m(row, info, single) == pytest.approx(10.0)
-    assert math.isnan(compare.delta_m({"a/accuracy": 0.9}, info, single))
-    # A run on a subset of the tasks (its own task_info) is scored on those tasks only.
-    assert compare.delta_m({"a/accuracy": 0.88, "task_info": {"a": info["a"]}}, info, single) == pytest.approx(10.0)
 
 
 def test_jobs_on_a_subset_of_tasks_drop_the_other_tasks_settings(tmp_path):
     overrides = [*TINY, "train.loss_weights={left: 1.0, right: 0.5}", "train.select=right/accuracy"]
-    grid = compare.Grid(None, overrides, 1, [
+    grid = Grid(None, overrides, 1, [
         {"label": "pair", "architecture": "split@1", "overrides": ["data.tasks=[left]"], "sweep": {}},
         {"label": "both", "architecture": "split@1", "overrides": [], "sweep": {}}])
-    jobs = {(j.label, j.task): j.config["train"] for j in compare.expand(grid, 1, tmp_path)}
+    jobs = {(j.label, j.task): j.config["train"] for j in expand(grid, 1, tmp_path)}
     assert jobs[("single-task", "left")]["loss_weights"] == {"left": 1.0}
     assert jobs[("single-task", "left")]["select"] == "mean"  # right/accuracy does not exist there
     assert jobs[("single-task", "right")]["select"] == "right/accuracy"
@@ -124,23 +136,57 @@ def test_bad_grid(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("architectures: []\n")
     with pytest.raises(ConfigError, match="non-empty list"):
-        compare.load_grid(path)
+        load_grid(path)
     path.write_text("architecture: [single]\n")
     with pytest.raises(ConfigError, match="unknown grid keys"):
-        compare.load_grid(path)
+        load_grid(path)
 
 
-def test_parameter_ratio_of_a_run_on_a_subset_of_tasks_uses_its_own_tasks():
-    info = {t: {"kind": "classification", "primary": "accuracy", "higher_is_better": {"accuracy": True}}
-            for t in ("a", "b", "c")}
-    rows = [{"label": "single-task", "seed": 0, "task": t, "baseline": "single-task", "params": p,
-             "seconds": 1.0, "task_info": {t: info[t]}, f"{t}/accuracy": 0.5}
-            for t, p in (("a", 100), ("b", 200), ("c", 300))]
-    rows.append({"label": "pair", "seed": 0, "task": None, "baseline": "single-task", "params": 150, "seconds": 1.0,
-                 "task_info": {"a": info["a"], "b": info["b"]}, "a/accuracy": 0.5, "b/accuracy": 0.5})
-    rows.append({"label": "all", "seed": 0, "task": None, "baseline": "single-task", "params": 300, "seconds": 1.0,
-                 "task_info": info, "a/accuracy": 0.5, "b/accuracy": 0.5, "c/accuracy": 0.5})
-    table = compare.summarize(rows)["table"]
-    assert table["pair"]["param_ratio"] == pytest.approx(150 / 300)  # against the a and b networks only
-    assert table["all"]["param_ratio"] == pytest.approx(300 / 600)
-    assert table["single-task"]["param_ratio"] == pytest.approx(1.0)
+def test_xresnet_rows_of_the_default_grid_train_the_cross_weights_like_every_other_layer(tmp_path):
+    """The paper (and configs/multimnist/xresnet_*.yaml): x1 learning rate, train.weight_decay."""
+    jobs = [j for j in expand(load_grid(None), 1, tmp_path)
+            if j.config["model"]["architecture"]["name"] == "xresnet"]
+    assert sorted(j.label for j in jobs) == ["X-conv1x1", "X0", "XI", "Xs"]
+    for job in jobs:
+        assert job.config["train"]["groups"]["fusion"] == {"lr_mult": 1.0, "weight_decay": None}
+
+
+@pytest.mark.parametrize("name", ["ablations.yaml"])
+def test_xresnet_rows_of_the_record_grids_set_both_fusion_fields(name):
+    from pathlib import Path
+
+    from taskloom import config as cfg
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / "record" / name)
+    entries = [e for e in grid.entries if isinstance(e["architecture"], dict) and e["architecture"]["name"] == "xresnet"]
+    assert len(entries) == 4
+    for entry in entries:
+        assert "train.groups.fusion={lr_mult: 1.0, weight_decay: null}" in entry["overrides"]
+        arch = f"model.architecture={json.dumps(entry['architecture'])}"
+        fusion = cfg.load(grid.base, [*grid.overrides, arch, *entry["overrides"]]).train.groups.fusion
+        assert (fusion.lr_mult, fusion.weight_decay) == (1.0, None)
+
+
+def test_local_backend_cancels_running_and_queued_jobs(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    def sleeper(job, threads, started):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        started(job, proc)
+        try:
+            return proc.wait()
+        finally:
+            started(job, None)
+
+    monkeypatch.setattr(runs, "launch", sleeper)
+    backend = runs.LocalBackend(workers=1)
+    running, queued = (backend.submit(Job(f"j{i}", 0, {}, tmp_path / f"j{i}")) for i in range(2))
+    time.sleep(0.5)
+    started = time.perf_counter()
+    backend.cancel([running, queued])
+    finished = dict(backend.wait([running]))
+    assert finished[running] != 0 and queued.cancelled()
+    assert time.perf_counter() - started < 30
+    backend.close()

@@ -1,0 +1,205 @@
+"""Running a grid's jobs: an execution backend, retries, and resume against stored configs.
+
+:func:`run_jobs` hands each unfinished :class:`~taskloom.grid.Job` to a *backend* and retries a
+failed job once (it resumes from its last checkpoint). A backend has three methods:
+
+* ``submit(job) -> handle``: start the job (``taskloom train`` into ``job.run_dir``);
+* ``wait(handles) -> [(handle, exit status), ...]``: block until at least one of ``handles``
+  has finished, and return the finished ones;
+* ``cancel(handles)``: stop the given jobs (started or queued).
+
+:class:`LocalBackend` runs jobs as subprocesses on this machine, ``workers`` at a time. A
+cluster backend (Ray, Dask, a batch scheduler) only has to implement the same three methods.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import yaml
+
+from taskloom.errors import ConfigError
+from taskloom.grid import Job
+
+
+class Backend(Protocol):
+    def submit(self, job: Job) -> Any: ...
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, int]]: ...
+
+    def cancel(self, handles: list[Any]) -> None: ...
+
+
+class LocalBackend:
+    """Jobs as ``taskloom train`` subprocesses on this machine, ``workers`` at a time, the CPU
+    threads split evenly among them. A handle is a :class:`concurrent.futures.Future` of the
+    exit status."""
+
+    def __init__(self, workers: int = 1, threads: int | None = None):
+        self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._jobs: dict[Future, Job] = {}
+        self._procs: dict[Path, subprocess.Popen] = {}
+        self._cancelled: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def submit(self, job: Job) -> Future:
+        handle = self._pool.submit(launch, job, self.threads, self._started)
+        self._jobs[handle] = job
+        return handle
+
+    def wait(self, handles: list[Future]) -> list[tuple[Future, int]]:
+        done, _ = wait_futures(handles, return_when=FIRST_COMPLETED)
+        return [(h, -1 if h.cancelled() else h.result()) for h in handles if h in done]
+
+    def cancel(self, handles: list[Future]) -> None:
+        with self._lock:
+            for handle in handles:
+                if not handle.cancel():  # already running: stop its process (it saves a checkpoint)
+                    self._cancelled.add(self._jobs[handle].run_dir)
+                    proc = self._procs.get(self._jobs[handle].run_dir)
+                    if proc is not None:
+                        proc.terminate()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _started(self, job: Job, proc: subprocess.Popen | None) -> None:
+        with self._lock:
+            if proc is None:
+                self._procs.pop(job.run_dir, None)
+                return
+            self._procs[job.run_dir] = proc
+            if job.run_dir in self._cancelled:
+                proc.terminate()
+
+
+def launch(job: Job, threads: int, started: Callable[[Job, Any], None] = lambda job, proc: None) -> int:
+    """Train one job in a subprocess (resuming from its last checkpoint if it has one); return
+    the exit status. Writes ``job.yaml`` (the resolved config) and appends to ``log.txt``."""
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    job.stored_config.write_text(yaml.safe_dump(job.config, sort_keys=False), encoding="utf-8")
+    cmd = [sys.executable, "-m", "taskloom", "train", str(job.stored_config), "--run-dir", str(job.run_dir)]
+    if (job.run_dir / "checkpoints" / "last.pt").is_file():
+        cmd.append("--resume")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    with open(job.run_dir / "log.txt", "a", encoding="utf-8") as out:
+        out.write(f"$ {' '.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        started(job, proc)
+        try:
+            return proc.wait()
+        finally:
+            started(job, None)
+
+
+def run_jobs(jobs: list[Job], workers: int, resume: bool, log=print, backend: Backend | None = None) -> list[Job]:
+    """Run the unfinished jobs on ``backend`` (default: :class:`LocalBackend` with ``workers``);
+    retry each failed job once; return the jobs that failed twice. Without ``resume``, a run root
+    that already holds runs of these jobs is refused."""
+    todo = [j for j in jobs if not j.final.is_file()]
+    if not resume and (len(todo) < len(jobs) or any(j.run_dir.exists() for j in todo)):
+        raise ConfigError(
+            f"{jobs[0].run_dir.parent.parent} already holds runs of this grid; pass --resume to skip "
+            f"finished runs and continue the others, or choose another --run-root"
+        )
+    log(f"{len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run with {workers} job(s)")
+    own = backend is None
+    backend = backend or LocalBackend(workers)
+    pending = {backend.submit(job): (job, 0) for job in todo}
+    failed = []
+    try:
+        while pending:
+            for handle, code in backend.wait(list(pending)):
+                job, attempt = pending.pop(handle)
+                if code == 0 and job.final.is_file():
+                    log(f"done   {job.label} seed {job.seed} ({job.run_dir})")
+                    continue
+                log(f"failed {job.label} seed {job.seed} (exit {code}; see {job.run_dir / 'log.txt'})"
+                    + ("; retrying from its last checkpoint" if attempt == 0 else ""))
+                if attempt == 0:
+                    pending[backend.submit(job)] = (job, 1)
+                else:
+                    failed.append(job)
+    except BaseException:
+        backend.cancel(list(pending))
+        raise
+    finally:
+        if own:
+            backend.close()
+    return failed
+
+
+# --------------------------------------------------------------------------- resume
+
+
+CHANGED_POLICIES = ("stop", "keep", "rerun")
+
+
+def changed_keys(stored: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, stored value, new value)`` for every key present in both configs whose
+    value differs. Keys only one side has (an option added or removed since) do not count."""
+    out = []
+    for key in [k for k in stored if k in new]:
+        a, b, path = stored[key], new[key], f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, path)
+        elif a != b:
+            out.append((path, a, b))
+    return out
+
+
+def reconcile_stored_configs(jobs: list[Job], policy: str = "stop", log=print) -> list[Job]:
+    """Compare each started run's stored config (``job.yaml``) with the newly resolved one.
+
+    The fingerprint ignores default values, so a run that relied on a default which has changed
+    since keeps its directory. Such runs are never silently reused nor silently rerun:
+
+    * ``stop``: raise :class:`~taskloom.errors.ConfigError` listing the runs and changed keys;
+    * ``keep``: keep them as they are (finished results are reused; an interrupted run continues
+      with its stored config), and say so;
+    * ``rerun``: move each aside (to ``<run dir>.replaced``, ``.replaced-2``, ...) and run it again.
+
+    Returns the jobs whose stored config differs.
+    """
+    if policy not in CHANGED_POLICIES:
+        raise ConfigError(f"unknown policy {policy!r} for runs with a changed config; choose one of {CHANGED_POLICIES}")
+    changed = []
+    for job in jobs:
+        if not job.stored_config.is_file():
+            continue
+        stored = yaml.safe_load(job.stored_config.read_text(encoding="utf-8")) or {}
+        keys = changed_keys(stored, job.config)
+        if keys:
+            changed.append((job, stored, keys))
+    lines = [f"  {job.label} seed {job.seed} ({job.run_dir}): "
+             + "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in keys) for job, _, keys in changed]
+    if changed and policy == "stop":
+        raise ConfigError(
+            f"{len(changed)} run(s) were started with a config that differs from what the grid resolves to "
+            "now (a changed default?):\n" + "\n".join(lines) + "\npass --changed keep to use them as they are "
+            "(stored config), or --changed rerun to move them aside and run them again")
+    for (job, stored, _), line in zip(changed, lines):
+        if policy == "keep":
+            job.config = stored
+            log(f"kept (stored config) {line.strip()}")
+        else:
+            aside = _free_name(job.run_dir.with_name(job.run_dir.name + ".replaced"))
+            job.run_dir.rename(aside)
+            log(f"rerun (old run moved to {aside}) {line.strip()}")
+    return [job for job, _, _ in changed]
+
+
+def _free_name(path: Path) -> Path:
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
