@@ -33,6 +33,24 @@ def test_config_reference_lists_every_key():
         assert name in DATASETS.names() and f"### `data: {name}`" in text
 
 
+def test_config_reference_shows_each_parameter_groups_own_defaults():
+    """The groups' defaults come from ParamGroups' default factories (fusion: x100, no decay),
+    not from GroupOptions' class defaults."""
+    import re
+
+    import yaml
+
+    from taskloom.config import ParamGroups
+
+    text = (REPO / "docs" / "guide" / "configs.md").read_text()
+    defaults = ParamGroups()
+    for group in ("backbone", "fusion", "head", "weighting", "regularizer"):
+        for key in ("lr_mult", "weight_decay"):
+            row = re.search(rf"^\| `train\.groups\.{group}\.{key}` \|[^|]*\| `([^`]*)` \|", text, re.M)
+            assert row, f"no row for train.groups.{group}.{key}"
+            assert yaml.safe_load(row.group(1)) == getattr(getattr(defaults, group), key), (group, key)
+
+
 def test_readme_links_into_the_guide():
     readme = (REPO / "README.md").read_text()
     assert "docs/guide/" in readme and "## Documentation" in readme
