@@ -12,7 +12,7 @@ from taskloom.errors import TaskloomError
 EPILOG = """\
 examples:
   taskloom train                                   # embedded MultiMNIST, cross-stitch, under 5 min on 2 cores
-  taskloom train configs/multimnist/split.yaml model.architecture=split@2 --epochs 3
+  taskloom train configs/multimnist/split_2.yaml train.lr=0.002 --epochs 3
   taskloom train --run-dir runs/cs --resume        # continue an interrupted run
   taskloom eval runs/cs/checkpoints/best.pt --split val
 """
