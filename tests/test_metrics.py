@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from taskloom.metrics import AngleErrors, ConfusionDerived, DepthErrors, LandmarkErrors, MedianAbsoluteError
-from taskloom.tasks import (BinaryTask, ClassificationTask, DepthTask, LandmarkTask, NormalsTask,
-                            OrdinalExpectationTask, RegressionTask, SegmentationTask)
+from taskloom.dense import DepthTask, NormalsTask, SegmentationTask
+from taskloom.tasks import BinaryTask, ClassificationTask, LandmarkTask, OrdinalExpectationTask, RegressionTask
 
 
 def _face(eyes):
