@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 # Modules that add subcommands: each defines ``register_cli(subparsers)``, which adds its parser
 # and sets ``func`` (called with the parsed args, returning the exit status). Modules import
 # their heavy dependencies inside ``func`` so that ``taskloom --help`` stays fast.
-EXTENSIONS = ("taskloom.inspect", "taskloom.data.check", "taskloom.compare")
+EXTENSIONS = ("taskloom.inspection", "taskloom.data.check", "taskloom.compare")
 
 
 def _extension(name: str):

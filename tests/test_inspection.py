@@ -43,7 +43,7 @@ def test_train_then_inspect_nddr(tmp_path, capsys):
 
 
 def test_inspect_numbers_and_xresnet_plots(tmp_path, capsys):
-    from taskloom.inspect import counts, load_model
+    from taskloom.inspection import counts, load_model
     from taskloom.models import SingleOptions, build_model
 
     ckpt = _checkpoint(tmp_path, {"name": "xresnet", "cross": "scale"}, SMALL)

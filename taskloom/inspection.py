@@ -46,7 +46,7 @@ def _main(args: argparse.Namespace) -> int:
         raise ConfigError(f"inspect: KEY=VALUE overrides ({args.overrides[0]}) apply to a YAML config, not a checkpoint")
     else:
         model, config, payload, data = load_model(args.checkpoint, args.data_root)
-    print(report(model, config, data.tasks, data.input_shape, source=args.checkpoint, payload=payload))
+    print(inspection_text(model, config, data.tasks, data.input_shape, source=args.checkpoint, payload=payload))
     if args.plot:
         for path in plot(model, args.plot):
             print(f"wrote {path}")
@@ -85,7 +85,7 @@ def _params(modules) -> list:
 
 
 def counts(model, tasks, input_shape, backbone_options) -> dict[str, Any]:
-    """All the numbers :func:`report` prints, as a mapping (used by the tests and the docs)."""
+    """All the numbers :func:`inspection_text` prints, as a mapping (used by the tests and the docs)."""
     from taskloom.backbones import Backbone
     from taskloom.models import MultiTaskNet, parameter_kinds
 
@@ -105,7 +105,7 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-def report(model, config, tasks, input_shape, source: str = "", payload: dict | None = None) -> str:
+def inspection_text(model, config, tasks, input_shape, source: str = "", payload: dict | None = None) -> str:
     """The text ``taskloom inspect`` prints."""
     numbers = counts(model, tasks, input_shape, config.model.backbone)
     arch = config.model.architecture
