@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     ev.set_defaults(func=_eval)
     for name in EXTENSIONS:
-        _extension(name).register_cli(sub)
+        importlib.import_module(name).register_cli(sub)
     return parser
 
 
@@ -60,23 +61,6 @@ def _parser() -> argparse.ArgumentParser:
 # and sets ``func`` (called with the parsed args, returning the exit status). Modules import
 # their heavy dependencies inside ``func`` so that ``taskloom --help`` stays fast.
 EXTENSIONS = ("taskloom.inspection", "taskloom.data.check", "taskloom.compare")
-
-
-def _extension(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return _Missing
-        raise
-
-
-class _Missing:
-    @staticmethod
-    def register_cli(sub) -> None:
-        """Not installed yet."""
 
 
 def _train(args: argparse.Namespace) -> int:

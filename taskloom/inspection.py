@@ -45,7 +45,9 @@ def _main(args: argparse.Namespace) -> int:
     elif args.overrides:
         raise ConfigError(f"inspect: KEY=VALUE overrides ({args.overrides[0]}) apply to a YAML config, not a checkpoint")
     else:
-        model, config, payload, data = load_model(args.checkpoint, args.data_root)
+        from taskloom.train import load_run
+
+        model, config, payload, data = load_run(args.checkpoint, args.data_root)
     print(inspection_text(model, config, data.tasks, data.input_shape, source=args.checkpoint, payload=payload))
     if args.plot:
         for path in plot(model, args.plot):
@@ -62,13 +64,6 @@ def build_from_config(path: str, overrides: list[str], data_root: str | None = N
     config = cfg.load(path, overrides)
     data, model = build_experiment(config)
     return model.eval(), config, None, data
-
-
-def load_model(path: str | Path, data_root: str | None = None):
-    """Rebuild a checkpoint's model from its saved config and load its weights."""
-    from taskloom.train import load_run
-
-    return load_run(path, data_root)
 
 
 def _count(params) -> int:

@@ -336,10 +336,6 @@ class OrdinalExpectationTask(Task):
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         return F.cross_entropy(output[mask], self.target_bins(target.reshape(len(target))[mask]))
 
-    def predict(self, output: Tensor) -> Tensor:
-        """The expected value of each row of logits."""
-        return _Expectation(self.values)(output)
-
     def combine(self, outputs: list[Tensor]) -> Tensor:
         return mean_of_softmax(outputs)
 
