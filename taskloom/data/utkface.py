@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from taskloom.data import DATASETS, DataBundle, DataOptions, resolve_root
 from taskloom.data.manifest import ManifestSet
