@@ -213,9 +213,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(tp: Any, value: Any, where: _Where, base: Any = None) -> Any:
-    """Check ``value`` against the type ``tp`` and build it. ``base``: the value the field holds
-    when the config does not set it; a partial mapping for a dataclass refines that value (see
-    :func:`_build_dataclass`)."""
+    """Check ``value`` against ``tp`` and build it; ``base``: the field's value were it unset."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -277,11 +275,9 @@ def _convert(tp: Any, value: Any, where: _Where, base: Any = None) -> Any:
 
 
 def _build_dataclass(cls: type, value: Any, where: _Where, skip: tuple[str, ...] = (), base: Any = None) -> Any:
-    """Build ``cls`` from a mapping. Keys the mapping leaves out keep their value in ``base``
-    (when given, an instance of ``cls``) or else the field's default -- so a partial mapping
-    refines what the field would otherwise hold: ``train.groups.fusion.weight_decay=0.0005``
-    keeps the fusion group's own ``lr_mult`` (x100, from ``ParamGroups``' default factory), not
-    ``GroupOptions``' class default."""
+    """Build ``cls`` from a mapping; keys it leaves out keep their value in ``base`` (an instance
+    of ``cls``: what the field holds unset, such as the fusion group's x100 default), else the
+    class default."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -320,9 +316,7 @@ def _default(field: dataclasses.Field) -> Any:
 
 
 def _build_tagged(base_cls: type, value: Any, where: _Where, base: Any = None) -> Any:
-    """Build the registry entry a mapping's ``name`` picks. A mapping without ``name`` refines
-    ``base`` (the field's current value); one naming ``base``'s entry starts from it too, and one
-    naming another entry starts from that entry's defaults."""
+    """The registry entry ``name`` picks (default: ``base``'s), refining ``base`` if it is that entry."""
     registry: Registry = base_cls.registry
     if isinstance(value, str):
         value = registry.expand(value)
