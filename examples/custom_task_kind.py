@@ -10,7 +10,7 @@ import taskloom as tl
 from taskloom.config import from_dict
 from taskloom.data import DATASETS, DataBundle
 from taskloom.data.multimnist import MultiMNISTOptions
-from taskloom.tasks import RegressionTask, _nan_mask, register_task_kind
+from taskloom.tasks import RegressionTask, register_task_kind
 
 from _common import run_dir, settings
 
@@ -23,11 +23,10 @@ class CountTask(RegressionTask):
     primary = "exact"
     higher_is_better = {"exact": True, "mae": False}
 
-    def loss(self, output, target):
-        keep = _nan_mask(target)
-        if not keep.any():
-            return output.sum() * 0.0                       # no label in this batch: 0, not NaN
-        return F.poisson_nll_loss(output[keep], target.float()[keep], log_input=True)
+    def labelled_loss(self, output, target, mask):
+        # Task.loss passes the labelled samples' mask (NaN targets are missing) and returns an
+        # exact 0 for a batch without labels; RegressionTask.loss_target makes target float.
+        return F.poisson_nll_loss(output[mask], target[mask], log_input=True)
 
     def metrics(self):
         class Exact(torchmetrics.MeanMetric):               # fraction of exactly right counts

@@ -54,8 +54,7 @@ def type_name(tp) -> str:
     return cfg._type_name(tp).replace("|", "\\|")
 
 
-def default_text(field: dataclasses.Field) -> str:
-    value = cfg._default(field)
+def default_text(value) -> str:
     if value is dataclasses.MISSING:
         return "required"
     if dataclasses.is_dataclass(value):
@@ -70,8 +69,12 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def table(cls: type, prefix: str, skip: tuple[str, ...] = (), suffix: str = "") -> tuple[list[str], list[tuple[str, type]]]:
-    """Rows for the fields of ``cls`` and the nested (non-tagged) dataclasses to document next."""
+def table(cls: type, prefix: str, skip: tuple[str, ...] = (), suffix: str = "",
+          defaults=None) -> tuple[list[str], list[tuple[str, type, object]]]:
+    """Rows for the fields of ``cls`` and the nested (non-tagged) dataclasses to document next,
+    each with the value it holds by default. ``defaults``: the instance of ``cls`` a config
+    starts from where that is not ``cls()`` (a field's default factory, such as each of
+    ``ParamGroups``' groups); its values are the documented defaults."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
@@ -80,6 +83,7 @@ def table(cls: type, prefix: str, skip: tuple[str, ...] = (), suffix: str = "") 
         if not field.init or field.name in skip:
             continue
         tp = hints[field.name]
+        default = getattr(defaults, field.name) if defaults is not None else cfg._default(field)
         key = f"{prefix}{field.name}"
         doc = docs.get(field.name, "")
         if cfg._is_tagged(tp):
@@ -88,9 +92,9 @@ def table(cls: type, prefix: str, skip: tuple[str, ...] = (), suffix: str = "") 
             inner = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
             for sub in inner:
                 if not cfg._is_tagged(sub):
-                    nested.append((key, sub))
+                    nested.append((key, sub, default if type(default) is sub else None))
                     doc = (doc + " " if doc else "") + f"See [`{key}`](#{anchor(key + suffix)})."
-        rows.append(f"| `{key}` | {type_name(tp)} | {default_text(field)} | {cell(doc)} |")
+        rows.append(f"| `{key}` | {type_name(tp)} | {default_text(default)} | {cell(doc)} |")
     return rows, nested
 
 
@@ -104,16 +108,16 @@ def anchor(title: str) -> str:
     return re.sub(r"[-\s]+", "-", text)
 
 
-def section(title: str, cls: type, prefix: str, level: int, out: list[str], skip=()) -> None:
+def section(title: str, cls: type, prefix: str, level: int, out: list[str], skip=(), defaults=None) -> None:
     out.append(f"{'#' * level} `{title}`")
     out.append("")
     doc = inspect.cleandoc(cls.__doc__ or "")
     if doc and not doc.startswith(cls.__name__ + "("):
         out += [" ".join(doc.split()), ""]
-    rows, nested = table(cls, prefix, skip)
+    rows, nested = table(cls, prefix, skip, defaults=defaults)
     out += rows + [""]
-    for key, sub in nested:
-        section(key, sub, key + ".", level + 1 if level < 4 else level, out)
+    for key, sub, sub_defaults in nested:
+        section(key, sub, key + ".", level + 1 if level < 4 else level, out, defaults=sub_defaults)
 
 
 def registry_section(title: str, base: type, prefix: str, out: list[str]) -> None:
@@ -127,8 +131,8 @@ def registry_section(title: str, base: type, prefix: str, out: list[str]) -> Non
         out += [f"### Common to every {registry.kind}", ""]
         rows, nested = table(base, prefix, skip=("name",))
         out += rows + [""]
-        for key, sub in nested:
-            section(key, sub, key + ".", 4, out)
+        for key, sub, sub_defaults in nested:
+            section(key, sub, key + ".", 4, out, defaults=sub_defaults)
     for name in registry.names():
         entry = registry[name]
         out += [f"### `{title}: {name}`", ""]
@@ -137,8 +141,8 @@ def registry_section(title: str, base: type, prefix: str, out: list[str]) -> Non
         rows, nested = table(entry.options, prefix, skip=common, suffix=f" ({name})")
         extra = " and the common keys above" if len(common) > 1 else ""
         out += rows + [""] if len(rows) > 2 else [f"No options besides `name`{extra}.", ""]
-        for key, sub in nested:
-            section(f"{key} ({name})", sub, key + ".", 4, out)
+        for key, sub, sub_defaults in nested:
+            section(f"{key} ({name})", sub, key + ".", 4, out, defaults=sub_defaults)
 
 
 def render() -> str:
@@ -155,9 +159,6 @@ def render() -> str:
                                 ("model.architecture", cfg.ArchOptions, "model.architecture."),
                                 ("train.weighting", cfg.WeightingOptions, "train.weighting.")):
         registry_section(title, base, prefix, out)
-    reg = getattr(cfg, "RegularizerOptions", None)
-    if reg is not None and not cfg._is_tagged(reg) and dataclasses.is_dataclass(reg):
-        pass  # documented as a nested mapping of model (see above)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from taskloom.errors import TaskloomError
 EPILOG = """\
 examples:
   taskloom train                                   # embedded MultiMNIST, cross-stitch, under 5 min on 2 cores
-  taskloom train configs/multimnist/split.yaml model.architecture=split@2 --epochs 3
+  taskloom train configs/multimnist/split_2.yaml train.lr=0.002 --epochs 3
   taskloom train --run-dir runs/cs --resume        # continue an interrupted run
   taskloom eval runs/cs/checkpoints/best.pt --split val
 """
@@ -52,31 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
     ev.set_defaults(func=_eval)
     for name in EXTENSIONS:
-        _extension(name).register_cli(sub)
+        importlib.import_module(name).register_cli(sub)
     return parser
 
 
 # Modules that add subcommands: each defines ``register_cli(subparsers)``, which adds its parser
 # and sets ``func`` (called with the parsed args, returning the exit status). Modules import
 # their heavy dependencies inside ``func`` so that ``taskloom --help`` stays fast.
-EXTENSIONS = ("taskloom.inspect", "taskloom.data.check", "taskloom.compare")
-
-
-def _extension(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
-            return _Missing
-        raise
-
-
-class _Missing:
-    @staticmethod
-    def register_cli(sub) -> None:
-        """Not installed yet."""
+EXTENSIONS = ("taskloom.inspection", "taskloom.data.check", "taskloom.compare")
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -44,7 +44,9 @@ class GroupOptions:
 
 @dataclasses.dataclass
 class ParamGroups:
-    """Per-kind optimiser settings. Every parameter is exactly one of these kinds."""
+    """Per-kind optimiser settings. Every parameter is exactly one of these kinds. Each group has
+    its own defaults; setting some of a group's keys (``train.groups.fusion.weight_decay=0.0005``)
+    keeps that group's defaults for the others."""
 
     backbone: GroupOptions = dataclasses.field(default_factory=GroupOptions)
     """Task towers and shared trunk."""
@@ -210,7 +212,8 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(tp: Any, value: Any, where: _Where) -> Any:
+def _convert(tp: Any, value: Any, where: _Where, base: Any = None) -> Any:
+    """Check ``value`` against ``tp`` and build it; ``base``: the field's value were it unset."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -232,7 +235,7 @@ def _convert(tp: Any, value: Any, where: _Where) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(arg, value, where)
+                return _convert(arg, value, where, base)
             except ConfigError as exc:
                 errors.append(exc)
         if len(errors) == 1:
@@ -249,9 +252,9 @@ def _convert(tp: Any, value: Any, where: _Where) -> Any:
             raise where.error(f"expected a mapping, got {value!r}")
         return {_convert(key_tp, k, where): _convert(item, v, where.child(k)) for k, v in value.items()}
     if _is_tagged(tp):
-        return _build_tagged(tp, value, where)
+        return _build_tagged(tp, value, where, base)
     if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, where)
+        return _build_dataclass(tp, value, where, base=base if type(base) is tp else None)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -271,7 +274,10 @@ def _convert(tp: Any, value: Any, where: _Where) -> Any:
     raise TypeError(f"unsupported config type {tp!r} at {where.path}")  # a bug, not user input
 
 
-def _build_dataclass(cls: type, value: Any, where: _Where, skip: tuple[str, ...] = ()) -> Any:
+def _build_dataclass(cls: type, value: Any, where: _Where, skip: tuple[str, ...] = (), base: Any = None) -> Any:
+    """Build ``cls`` from a mapping; keys it leaves out keep their value in ``base`` (an instance
+    of ``cls``: what the field holds unset, such as the fusion group's x100 default), else the
+    class default."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
@@ -288,10 +294,10 @@ def _build_dataclass(cls: type, value: Any, where: _Where, skip: tuple[str, ...]
     kwargs = {}
     for name, field in fields.items():
         if name in value and name not in skip:
-            item = value[name]
-            if isinstance(item, dict) and "name" not in item and _is_tagged(hints[name]):
-                item = {"name": _default(field).name, **item}  # refine the default entry
-            kwargs[name] = _convert(hints[name], item, where.child(name))
+            current = getattr(base, name) if base is not None else _default(field)
+            kwargs[name] = _convert(hints[name], value[name], where.child(name), current)
+        elif base is not None:
+            kwargs[name] = getattr(base, name)
     try:
         obj = cls(**kwargs)
     except (ValueError, TypeError) as exc:  # __post_init__ checks across fields
@@ -309,12 +315,15 @@ def _default(field: dataclasses.Field) -> Any:
     return field.default
 
 
-def _build_tagged(base: type, value: Any, where: _Where) -> Any:
-    registry: Registry = base.registry
+def _build_tagged(base_cls: type, value: Any, where: _Where, base: Any = None) -> Any:
+    """The registry entry ``name`` picks (default: ``base``'s), refining ``base`` if it is that entry."""
+    registry: Registry = base_cls.registry
     if isinstance(value, str):
         value = registry.expand(value)
     if not isinstance(value, dict):
         raise where.error(f"expected a {registry.kind} name or mapping, got {value!r}")
+    if "name" not in value and isinstance(base, base_cls):
+        value = {"name": base.name, **value}
     name = value.get("name")
     if name not in registry:
         close = difflib.get_close_matches(str(name), registry.names(), n=1)
@@ -322,8 +331,9 @@ def _build_tagged(base: type, value: Any, where: _Where) -> Any:
         raise where.child("name").error(
             f"unknown {registry.kind} {name!r}{hint}; choose one of {', '.join(registry.names())}"
         )
-    obj = _build_dataclass(registry[name].options, value, where, skip=("name",))
-    return obj
+    options = registry[name].options
+    start = base if type(base) is options and base.name == name else None
+    return _build_dataclass(options, value, where, skip=("name",), base=start)
 
 
 def from_dict(value: dict[str, Any], source: str | None = None, lines: dict[str, int] | None = None) -> Config:

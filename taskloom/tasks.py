@@ -3,14 +3,17 @@
 A :class:`Task` knows how to build its output head on top of a feature map of a given shape,
 its loss, its metrics and, for each metric, whether higher is better (needed for delta_m and
 model selection). New task kinds subclass :class:`Task` and register in :data:`TASK_KINDS`.
+This module holds the base class and the per-sample kinds; the dense (per-pixel) kinds are in
+:mod:`taskloom.dense`.
 
 **Missing targets** (partially labelled data). Any sample may lack the target of any task; one
 convention per kind marks it: ``classification`` and ``binary``: a negative label (``-1``);
 ``regression``, ``ordinal_expectation`` and ``landmarks``: ``NaN`` (any NaN coordinate marks the
 whole sample). Dense kinds keep their per-pixel conventions (``ignore_index``, zero normals,
-zero depth). Losses average over the labelled samples only and are exactly 0 (with a graph)
-when a batch has none; :meth:`Task.labelled` gives the per-sample mask the evaluator uses to
-update metrics with labelled samples only and to count them.
+zero depth). :meth:`Task.loss` handles missing targets once for every kind: it averages over
+the labelled part of the batch (:meth:`Task.loss_mask`) and is exactly 0 (with a graph) when a
+batch has none; :meth:`Task.labelled` gives the per-sample mask the evaluator uses to update
+metrics with labelled samples only and to count them.
 """
 from __future__ import annotations
 
@@ -48,12 +51,35 @@ class Task:
         raise NotImplementedError
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """The loss averaged over the labelled part of the batch; exactly 0 and connected to the
+        graph (no signal, not NaN) when nothing in the batch is labelled. Kinds implement
+        :meth:`labelled_loss` and, where needed, :meth:`loss_target` and :meth:`loss_mask`."""
+        target = self.loss_target(output, target)
+        mask = self.loss_mask(target)
+        if not mask.any():
+            return output.sum() * 0.0
+        return self.labelled_loss(output, target, mask)
+
+    def loss_target(self, output: Tensor, target: Tensor) -> Tensor:
+        """The target as :meth:`labelled_loss` takes it (dtype, shape). Default: unchanged."""
+        return target
+
+    def loss_mask(self, target: Tensor) -> Tensor:
+        """Boolean mask of the target elements that carry a label (samples, labels or pixels).
+        Default: :meth:`labelled`, one per sample."""
+        return self.labelled(target)
+
+    def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """The loss over the elements ``mask`` marks (at least one)."""
         raise NotImplementedError
 
     def labelled(self, target: Tensor) -> Tensor:
         """Boolean mask ``(N,)`` of the samples whose target is present (see the module
-        docstring for each kind's "missing" marker). Default: every sample is labelled."""
-        return torch.ones(len(target), dtype=torch.bool, device=target.device)
+        docstring for each kind's "missing" marker). Default: a float target with any ``NaN``
+        is missing; integer targets are always present."""
+        if not target.is_floating_point():
+            return torch.ones(len(target), dtype=torch.bool, device=target.device)
+        return ~torch.isnan(target.reshape(len(target), -1)).any(1)
 
     def missing_like(self, target: Tensor) -> Tensor:
         """A target of the same shape as ``target`` (one sample or a batch) marked "missing"
@@ -76,16 +102,11 @@ class Task:
         return f"{type(self).__name__}({self.name!r})"
 
 
-def _no_label_loss(output: Tensor) -> Tensor:
-    """Exactly 0, connected to the graph: a batch without any label of a task."""
-    return output.sum() * 0.0
-
-
-def _nan_mask(target: Tensor) -> Tensor:
-    """Samples without NaN in their target (float targets; integer targets are all present)."""
-    if not target.is_floating_point():
-        return torch.ones(len(target), dtype=torch.bool, device=target.device)
-    return ~torch.isnan(target.reshape(len(target), -1)).any(1)
+def mean_of_softmax(outputs: list[Tensor], dim: int = -1) -> Tensor:
+    """Ensemble of logits: the log of the members' mean probabilities (not the mean logit); the
+    log keeps argmax and cross-entropy meaningful."""
+    probs = torch.stack([o.softmax(dim) for o in outputs]).mean(0)
+    return probs.clamp_min(1e-12).log()
 
 
 class _FlatLinear(nn.Module):
@@ -125,16 +146,14 @@ class ClassificationTask(Task):
     def missing_like(self, target: Tensor) -> Tensor:
         return torch.full(target.shape, -1, dtype=torch.int64)
 
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        target = target.long()
-        if not (target >= 0).any():
-            return _no_label_loss(output)
+    def loss_target(self, output: Tensor, target: Tensor) -> Tensor:
+        return target.long()
+
+    def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         return F.cross_entropy(output, target.clamp_min(-1), ignore_index=-1)
 
     def combine(self, outputs: list[Tensor]) -> Tensor:
-        # Average the members' probabilities (not logits); log keeps argmax and CE meaningful.
-        probs = torch.stack([o.softmax(-1) for o in outputs]).mean(0)
-        return probs.clamp_min(1e-12).log()
+        return mean_of_softmax(outputs)
 
     def metrics(self) -> torchmetrics.MetricCollection:
         import torchmetrics
@@ -194,12 +213,14 @@ class BinaryTask(Task):
     def missing_like(self, target: Tensor) -> Tensor:
         return torch.full(target.shape, -1, dtype=target.dtype if target.is_floating_point() else torch.int64)
 
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        target = target.to(output.dtype).reshape(output.shape)
-        present = target >= 0
-        if not present.any():
-            return _no_label_loss(output)
-        return F.binary_cross_entropy_with_logits(output[present], target[present])
+    def loss_target(self, output: Tensor, target: Tensor) -> Tensor:
+        return target.to(output.dtype).reshape(output.shape)
+
+    def loss_mask(self, target: Tensor) -> Tensor:
+        return target >= 0  # per label
+
+    def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return F.binary_cross_entropy_with_logits(output[mask], target[mask])
 
     def combine(self, outputs: list[Tensor]) -> Tensor:
         p = torch.stack([o.sigmoid() for o in outputs]).mean(0).clamp(1e-7, 1 - 1e-7)
@@ -259,16 +280,11 @@ class RegressionTask(Task):
             layers.append(nn.Flatten(0))
         return nn.Sequential(*layers)
 
-    def labelled(self, target: Tensor) -> Tensor:
-        """``NaN`` targets are missing."""
-        return _nan_mask(target)
+    def loss_target(self, output: Tensor, target: Tensor) -> Tensor:
+        return target.to(output.dtype).reshape(output.shape)
 
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        target = target.to(output.dtype).reshape(output.shape)
-        keep = _nan_mask(target)
-        if not keep.any():
-            return _no_label_loss(output)
-        output, target = output[keep], target[keep]
+    def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        output, target = output[mask], target[mask]
         return F.l1_loss(output, target) if self.loss_name == "l1" else F.mse_loss(output, target)
 
     def metrics(self) -> torchmetrics.MetricCollection:
@@ -317,23 +333,11 @@ class OrdinalExpectationTask(Task):
     def target_bins(self, target: Tensor) -> Tensor:
         return (target.round().long().clamp(self.low, self.high) - self.low).reshape(-1)
 
-    def labelled(self, target: Tensor) -> Tensor:
-        """``NaN`` targets are missing."""
-        return _nan_mask(target)
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        keep = _nan_mask(target)
-        if not keep.any():
-            return _no_label_loss(output)
-        return F.cross_entropy(output[keep], self.target_bins(target.reshape(len(target))[keep]))
-
-    def predict(self, output: Tensor) -> Tensor:
-        """The expected value of each row of logits."""
-        return _Expectation(self.values)(output)
+    def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        return F.cross_entropy(output[mask], self.target_bins(target.reshape(len(target))[mask]))
 
     def combine(self, outputs: list[Tensor]) -> Tensor:
-        probs = torch.stack([o.softmax(-1) for o in outputs]).mean(0)
-        return probs.clamp_min(1e-12).log()
+        return mean_of_softmax(outputs)
 
     def metrics(self) -> torchmetrics.MetricCollection:
         import torchmetrics
@@ -394,15 +398,8 @@ class LandmarkTask(Task):
     def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
         return _LandmarkHead(feature_shape, self.num_landmarks, 0.5)
 
-    def labelled(self, target: Tensor) -> Tensor:
-        """A sample with any ``NaN`` coordinate is missing."""
-        return _nan_mask(target)
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        keep = _nan_mask(target)
-        if not keep.any():
-            return _no_label_loss(output)
-        diff = output.reshape(len(output), -1)[keep] - target.to(output.dtype).reshape(len(target), -1)[keep]
+    def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        diff = output.reshape(len(output), -1)[mask] - target.to(output.dtype).reshape(len(target), -1)[mask]
         return diff.pow(2).sum(1).mean()
 
     def metrics(self) -> torchmetrics.MetricCollection:
@@ -414,151 +411,13 @@ class LandmarkTask(Task):
             self.num_landmarks, self.eyes, 1.0, self.iod_threshold, self.box_threshold)})
 
 
-# --------------------------------------------------------------------------- dense tasks
-
-
-class DenseHead(nn.Module):
-    """FCN-style head: 3x3 conv + BN + ReLU, 1x1 conv to ``out_channels``, bilinear upsampling to
-    ``output_size``. Works on the last stage of any backbone whose output is a feature map."""
-
-    def __init__(self, feature_shape: tuple[int, ...], out_channels: int, output_size: tuple[int, int],
-                 hidden: int | None = None):
-        super().__init__()
-        if len(feature_shape) != 3:
-            raise ValueError(
-                f"a dense (per-pixel) head needs a spatial feature map (C, H, W), got features of shape "
-                f"{feature_shape}; use a backbone whose last stage is convolutional"
-            )
-        c = feature_shape[0]
-        hidden = hidden or max(32, min(256, c))
-        self.body = nn.Sequential(nn.Conv2d(c, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
-                                  nn.ReLU(inplace=True), nn.Conv2d(hidden, out_channels, 1))
-        self.output_size = tuple(output_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(self.body(x), size=self.output_size, mode="bilinear", align_corners=False)
-
-
-class _DenseTask(Task):
-    """A per-pixel task; the dataset sets :attr:`output_size` ``(H, W)`` (the head upsamples to it)."""
-
-    out_channels: ClassVar[int] = 1
-
-    def __init__(self, name: str, output_size: tuple[int, int] | None = None):
-        super().__init__(name)
-        self.output_size = tuple(output_size) if output_size is not None else None
-
-    def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
-        if self.output_size is None:
-            raise ValueError(f"task {self.name!r}: output_size (H, W) must be set before building the head")
-        return DenseHead(feature_shape, self.out_channels, self.output_size)
-
-
-@register_task_kind
-class SegmentationTask(_DenseTask):
-    """Semantic segmentation: logits ``(N, C, H, W)``, target labels ``(N, H, W)`` with
-    ``ignore_index`` for unlabelled pixels. Per-pixel cross-entropy ignoring those pixels.
-    Metrics (from one torchmetrics confusion matrix): ``miou``, ``pixel_accuracy``, ``fwiou``."""
-
-    kind = "segmentation"
-    primary = "miou"
-    higher_is_better = {"miou": True, "pixel_accuracy": True, "fwiou": True}
-
-    def __init__(self, name: str, num_classes: int, ignore_index: int = -1, output_size: tuple[int, int] | None = None):
-        super().__init__(name, output_size)
-        if num_classes < 2:
-            raise ValueError(f"task {name!r}: segmentation needs at least 2 classes")
-        self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.out_channels = num_classes  # type: ignore[misc]
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        target = target.long()
-        if not (target != self.ignore_index).any():
-            return output.sum() * 0.0  # an all-unlabelled batch: no signal, not NaN
-        return F.cross_entropy(output, target, ignore_index=self.ignore_index)
-
-    def combine(self, outputs: list[Tensor]) -> Tensor:
-        probs = torch.stack([o.softmax(1) for o in outputs]).mean(0)
-        return probs.clamp_min(1e-12).log()
-
-    def metrics(self) -> torchmetrics.MetricCollection:
-        import torchmetrics
-
-        from taskloom.metrics import ConfusionDerived
-
-        return torchmetrics.MetricCollection({
-            k: ConfusionDerived(self.num_classes, k, ignore_index=self.ignore_index)
-            for k in ("miou", "pixel_accuracy", "fwiou")
-        })
-
-
-@register_task_kind
-class NormalsTask(_DenseTask):
-    """Surface normals: output ``(N, 3, H, W)`` (normalised inside loss and metrics), target unit
-    vectors with zero-length vectors marking missing pixels (skipped). Loss ``cosine``
-    (1 - cos) or ``l2`` (squared distance between unit vectors), averaged over valid pixels.
-    Metrics: angle error ``mean_angle``, ``median_angle`` (degrees, lower is better) and percent of pixels
-    ``within_11.25`` / ``within_22.5`` / ``within_30`` degrees (higher is better)."""
-
-    kind = "normals"
-    primary = "mean_angle"
-    higher_is_better = {"mean_angle": False, "median_angle": False, "within_11.25": True, "within_22.5": True, "within_30": True}
-    out_channels = 3
-
-    def __init__(self, name: str, loss: str = "cosine", output_size: tuple[int, int] | None = None):
-        super().__init__(name, output_size)
-        if loss not in ("cosine", "l2"):
-            raise ValueError(f"task {name!r}: normals loss must be 'cosine' or 'l2', got {loss!r}")
-        self.loss_name = loss
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        target = target.to(output.dtype)
-        valid = target.norm(dim=1) > 0
-        if not valid.any():
-            return output.sum() * 0.0
-        p, t = F.normalize(output, dim=1), F.normalize(target, dim=1)
-        if self.loss_name == "cosine":
-            per_pixel = 1.0 - (p * t).sum(1)
-        else:
-            per_pixel = (p - t).pow(2).sum(1)
-        return per_pixel[valid].mean()
-
-    def metrics(self) -> torchmetrics.MetricCollection:
-        import torchmetrics
-
-        from taskloom.metrics import AngleErrors
-
-        return torchmetrics.MetricCollection({"angle": AngleErrors()})
-
-
-@register_task_kind
-class DepthTask(_DenseTask):
-    """Depth: output ``(N, 1, H, W)``, target ``(N, 1, H, W)`` (or ``(N, H, W)``) with 0 marking
-    missing depth. Loss: L1 over valid pixels. Metrics: ``abs_error``, ``rel_error``."""
-
-    kind = "depth"
-    primary = "abs_error"
-    higher_is_better = {"abs_error": False, "rel_error": False}
-    out_channels = 1
-
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        target = target.to(output.dtype).reshape(output.shape)
-        valid = target > 0
-        if not valid.any():
-            return output.sum() * 0.0
-        return (output - target).abs()[valid].mean()
-
-    def metrics(self) -> torchmetrics.MetricCollection:
-        import torchmetrics
-
-        from taskloom.metrics import DepthErrors
-
-        return torchmetrics.MetricCollection({"depth": DepthErrors()})
-
-
 def primary_score(task: Task, values: dict[str, float | list[float]]) -> float:
     """The task's primary metric, negated where lower is better (higher score = better)."""
     value = float(values[task.primary])
     if math.isnan(value):
         return -math.inf
     return value if task.higher_is_better[task.primary] else -value
+
+
+# The dense (per-pixel) kinds register themselves in TASK_KINDS when this module is imported.
+import taskloom.dense  # noqa: E402,F401

@@ -26,6 +26,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def data():
+    """A small real MultiMNIST bundle (256 / 128 / 128 pairs), built once per test module; a
+    module that needs another size defines its own ``data``."""
+    from helpers import tiny_multimnist
+
+    return tiny_multimnist()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -1,6 +1,5 @@
 """Batched (vmap) execution of the task towers equals the loop: forward, gradients, state_dict."""
 import copy
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from taskloom.models import (CrossStitchOptions, NDDROptions, SingleOptions, Slu
                              build_model, configure_towers)
 from taskloom.tasks import ClassificationTask
 
-DEVICE = torch.device(os.environ.get("TASKLOOM_TEST_DEVICE", "cpu"))  # benchmarks/gpu_check.sh: cuda
+from helpers import DEVICE, assert_same_training_step
 
 
 def _tasks(k):
@@ -25,19 +24,7 @@ def _compare(arch, backbone, shape, k, batched="on", batch=4, dtype=torch.float3
     counts = configure_towers(fast, batched)
     x = torch.randn(batch, *shape, dtype=dtype).to(DEVICE)
     y = {t.name: torch.randint(0, t.num_classes if hasattr(t, "num_classes") else 5, (batch,)).to(DEVICE) for t in tasks}
-    outs = []
-    for m in (loop, fast):
-        m.train()
-        out = m(x)
-        sum(m.loss_terms(out, y).values()).backward()
-        outs.append(out)
-    for name in outs[0]:
-        torch.testing.assert_close(outs[1][name], outs[0][name], atol=1e-5, rtol=1e-5)
-    grads = {n: p.grad for n, p in loop.named_parameters()}
-    for n, p in fast.named_parameters():
-        assert (p.grad is None) == (grads[n] is None), n
-        if p.grad is not None:
-            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-5, msg=n)
+    assert_same_training_step(loop, fast, x, y)
     assert list(fast.state_dict()) == list(loop.state_dict())
     return counts
 

@@ -112,3 +112,52 @@ def test_diff_lists_changed_keys():
     a = cfg.to_dict(cfg.load())
     b = cfg.to_dict(cfg.load(None, ["train.lr=0.1", "model.architecture.alpha_same=0.5"]))
     assert cfg.diff(a, b) == ["model.architecture.alpha_same", "train.lr"]
+
+
+@pytest.mark.parametrize("group, key, value, kept", [
+    ("fusion", "weight_decay", 0.0005, {"lr_mult": 100.0}),
+    ("fusion", "lr_mult", 10.0, {"weight_decay": 0.0}),
+    ("weighting", "lr_mult", 100.0, {"weight_decay": 0.0}),
+    ("regularizer", "lr_mult", 3.0, {"weight_decay": 0.0}),
+    ("backbone", "lr_mult", 2.0, {"weight_decay": None}),
+])
+def test_setting_one_field_of_a_parameter_group_keeps_that_groups_other_defaults(tmp_path, group, key, value, kept):
+    """A partial mapping refines the group's own defaults (ParamGroups' default factories), not
+    GroupOptions' class defaults; the same through an override and a YAML file."""
+    from_override = cfg.load(None, [f"train.groups.{group}.{key}={value}"])
+    from_file = cfg.load(write(tmp_path, f"train:\n  groups:\n    {group}: {{{key}: {value}}}\n"))
+    for c in (from_override, from_file):
+        options = getattr(c.train.groups, group)
+        assert getattr(options, key) == value
+        for field, default in kept.items():
+            assert getattr(options, field) == default, (group, field)
+    defaults = cfg.ParamGroups()
+    for other in ("backbone", "fusion", "head", "weighting", "regularizer"):
+        if other != group:  # the groups the config does not mention keep all of their defaults
+            assert getattr(from_override.train.groups, other) == getattr(defaults, other)
+
+
+def test_partial_mapping_starts_from_the_default_factorys_value():
+    """The general rule behind the groups: any dataclass field whose default comes from a
+    default_factory, at any depth, and a tagged field refined without naming its entry."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Inner:
+        a: int = 1
+        b: int = 2
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=lambda: Inner(a=10, b=20))
+
+    @dataclasses.dataclass
+    class Top:
+        outer: Outer = dataclasses.field(default_factory=Outer)
+
+    built = cfg._build_dataclass(Top, {"outer": {"inner": {"b": 5}}}, cfg._Where(None, {}))
+    assert built.outer.inner == Inner(a=10, b=5)
+    assert cfg._build_dataclass(Top, {"outer": {"inner": None}}, cfg._Where(None, {})).outer.inner == Inner(10, 20)
+    c = cfg.load(None, ["model.architecture.granularity=layer"])  # the cross-stitch default, refined
+    assert isinstance(c.model.architecture, CrossStitchOptions) and c.model.architecture.granularity == "layer"
+    assert cfg.load(None, ["model.architecture={name: split, at: 1}"]).model.architecture == SplitOptions(at=1)

@@ -7,36 +7,30 @@ below (1e-4 absolute on weights after 16 steps) is far above that and far below 
 difference (one skipped step changes weights by ~1e-3).
 """
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from taskloom import checkpoint
 
+from helpers import subprocess_env
+
 ARGS = ["data.train_pairs=512", "data.val_pairs=64", "data.test_pairs=64", "data.batch_size=64",
         "model.backbone.channels=[4,8]", "model.backbone.hidden=16", "train.epochs=2", "train.progress=false"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def _single(run_dir, *extra):
     return subprocess.run([sys.executable, "-m", "taskloom", "train", *ARGS, "--run-dir", str(run_dir), *extra],
-                          capture_output=True, text=True, timeout=300, env=_env())
+                          capture_output=True, text=True, timeout=300, env=subprocess_env())
 
 
 def _torchrun(run_dir, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "taskloom", "train", *ARGS, "--run-dir", str(run_dir), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
 
 
 def _weights(run_dir):
@@ -77,7 +71,7 @@ def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
     assert _single(reference, *longer).returncode == 0
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "taskloom", "train", *ARGS, *longer, "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     for line in proc.stdout:  # wait for the end of epoch 1, then ask it to stop
         if line.startswith("epoch 1/2"):
             proc.send_signal(signal.SIGTERM)

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SCRIPTS = ["custom_backbone.py", "custom_head.py", "custom_task_kind.py", "custom_mixer.py"]
 

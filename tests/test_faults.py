@@ -1,5 +1,4 @@
 """Faults: kills at any moment, stop signals, and fuzzed inputs never lose or corrupt a run."""
-import os
 import random
 import signal
 import subprocess
@@ -7,24 +6,21 @@ import sys
 import time
 
 import numpy as np
-import pytest
 import torch
 import yaml
 
 from taskloom import checkpoint
 from taskloom import config as cfg
 from taskloom.data.multimnist import read_idx
-from taskloom.errors import CheckpointError, ConfigError, DataError, TaskloomError
+from taskloom.errors import CheckpointError, ConfigError, DataError
+
+from helpers import subprocess_env
 
 REPO_CONFIG = cfg.to_dict(cfg.load())
 # The default LeNet (1.9M parameters: ~22 MB checkpoints with Adam state, fsynced) on a tiny
 # split, so a large share of the wall time is spent writing checkpoints.
 KILL_ARGS = ["data.train_pairs=128", "data.val_pairs=32", "data.test_pairs=32", "train.epochs=60",
              "train.progress=false"]
-
-
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path):
@@ -36,7 +32,7 @@ def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path):
         cmd = [sys.executable, "-m", "taskloom", "train", *KILL_ARGS, "--run-dir", str(run_dir)]
         if attempt:
             cmd.append("--resume")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
         for line in proc.stdout:  # wait until training runs, then kill at a random moment
             if line.startswith("epoch "):
                 break
@@ -53,7 +49,7 @@ def test_sigkill_at_random_moments_never_corrupts_the_checkpoint(tmp_path):
 def test_sigterm_saves_and_says_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "taskloom", "train", *KILL_ARGS, "--run-dir", str(run_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
     for line in proc.stdout:
         if line.startswith("epoch 2/"):
             proc.send_signal(signal.SIGTERM)
@@ -111,7 +107,7 @@ def test_fuzzed_configs_through_the_cli(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "taskloom", "train", str(path), "--epochs", "1",
                                "data.train_pairs=64", "data.val_pairs=16", "data.test_pairs=16",
                                "--run-dir", str(tmp_path / f"r{i}")], capture_output=True, text=True,
-                              timeout=120, env=_env())
+                              timeout=120, env=subprocess_env())
         assert "Traceback" not in proc.stderr, proc.stderr
         assert proc.returncode in (0, 2)
         if proc.returncode == 2:

@@ -6,26 +6,17 @@ from taskloom.backbones import Backbone, LeNetOptions, TCDCNOptions
 from taskloom.errors import ConfigError
 from taskloom.mixers import CrossStitch
 from taskloom.models import (
-    CrossStitchOptions, EnsembleOptions, MultiTaskNet, SingleOptions, SplitOptions, TaskParallel,
-    build_model, parameter_kinds,
+    CrossStitchOptions, EnsembleOptions, SingleOptions, SplitOptions, build_model, parameter_kinds,
 )
 from taskloom.tasks import ClassificationTask
+
+from helpers import classification_tasks, copy_towers
 
 INPUT = (1, 36, 36)
 
 
 def tasks(k=2):
-    return [ClassificationTask(f"t{i}", 10 + i) for i in range(k)]
-
-
-def copy_towers(dst: MultiTaskNet, src: MultiTaskNet) -> None:
-    """Copy tower stages and heads of ``src`` into ``dst`` (same tower layout, mixers ignored)."""
-    src_parallel = [b for b in src.body if isinstance(b, TaskParallel)]
-    dst_parallel = [b for b in dst.body if isinstance(b, TaskParallel)]
-    assert len(src_parallel) == len(dst_parallel)
-    for a, b in zip(dst_parallel, src_parallel):
-        a.load_state_dict(b.state_dict())
-    dst.heads.load_state_dict(src.heads.state_dict())
+    return classification_tasks(k, first=10)
 
 
 @pytest.mark.parametrize("k", [2, 3])

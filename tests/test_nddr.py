@@ -6,29 +6,16 @@ from taskloom.backbones import Backbone, LeNetOptions, SmallResNetOptions
 from taskloom.errors import ConfigError
 from taskloom.mixers import NDDR
 from taskloom.models import (
-    CrossStitchOptions, NDDRShortcut, NDDROptions, NDDRShortcutOptions, SingleOptions, TaskParallel, build_model,
+    CrossStitchOptions, NDDRShortcut, NDDROptions, NDDRShortcutOptions, SingleOptions, build_model,
     parameter_kinds,
 )
-from taskloom.tasks import ClassificationTask
+from taskloom.train import count_parameters as count
+
+from helpers import classification_tasks as tasks, copy_towers
 
 LENET = LeNetOptions(channels=[6, 8], hidden=12)
 SMALL = SmallResNetOptions(channels=[8, 16], blocks=[1, 1], stem_channels=8)
 INPUT = (1, 36, 36)
-
-
-def tasks(k=2):
-    return [ClassificationTask(f"t{i}", 3 + i) for i in range(k)]
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def copy_towers(dst, src):
-    for a, b in zip([b for b in dst.body if isinstance(b, TaskParallel)], [b for b in src.body if isinstance(b, TaskParallel)], strict=True):
-        a.load_state_dict(b.state_dict())
-    dst.trunk.load_state_dict(src.trunk.state_dict())
-    dst.heads.load_state_dict(src.heads.state_dict())
 
 
 @pytest.mark.parametrize("k", [2, 3])

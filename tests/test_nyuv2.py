@@ -11,7 +11,7 @@ from taskloom.data import build_data
 from taskloom.data.nyuv2 import NYUv2Options
 from taskloom.errors import DataError
 from taskloom.models import ARCHITECTURES, build_model
-from taskloom.tasks import DepthTask, NormalsTask, SegmentationTask
+from taskloom.dense import DepthTask, NormalsTask, SegmentationTask
 
 H, W = 24, 32
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from taskloom.data import DataBundle, DropLabelsOptions, PartialLabels, build_data
+from taskloom.data import DropLabelsOptions, PartialLabels, build_data
 from taskloom.tasks import (BinaryTask, ClassificationTask, LandmarkTask, OrdinalExpectationTask, RegressionTask)
 from taskloom.train import evaluate
 

@@ -14,7 +14,6 @@ from taskloom.models import CrossStitchOptions, SingleOptions, SplitOptions, Tas
 from taskloom.regularizers import RegularizerOptions, TowerRegularizer, attach_regularizer, safe_expm1
 from taskloom.train import build_optimizer, fit
 
-from helpers import tiny_multimnist
 
 INPUT = (1, 36, 36)
 LENET = LeNetOptions(channels=[4, 8], hidden=16)
@@ -30,11 +29,6 @@ class Towers(nn.Module):
         towers = [copy.deepcopy(first) if same else nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
                   for _ in range(k)]
         self.body = nn.ModuleList([TaskParallel(towers)])
-
-
-@pytest.fixture(scope="module")
-def data():
-    return tiny_multimnist()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -6,21 +6,12 @@ import torch
 from taskloom.backbones import LeNetOptions
 from taskloom.errors import ConfigError
 from taskloom.mixers import Sluice
-from taskloom.models import BetaMix, CrossStitchOptions, SingleOptions, SluiceOptions, TaskParallel, build_model
-from taskloom.tasks import ClassificationTask
+from taskloom.models import BetaMix, CrossStitchOptions, SingleOptions, SluiceOptions, build_model
+
+from helpers import classification_tasks as tasks, copy_towers
 
 LENET = LeNetOptions(channels=[6, 8], hidden=12)
 INPUT = (1, 36, 36)
-
-
-def tasks(k=2):
-    return [ClassificationTask(f"t{i}", 3 + i) for i in range(k)]
-
-
-def copy_towers(dst, src):
-    for a, b in zip([b for b in dst.body if isinstance(b, TaskParallel)], [b for b in src.body if isinstance(b, TaskParallel)], strict=True):
-        a.load_state_dict(b.state_dict())
-    dst.heads.load_state_dict(src.heads.state_dict())
 
 
 @pytest.mark.parametrize("k", [2, 3])

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from taskloom.tasks import (TASK_KINDS, BinaryTask, ClassificationTask, DepthTask, LandmarkTask, NormalsTask,
-                            OrdinalExpectationTask, RegressionTask, SegmentationTask)
+from taskloom.dense import DepthTask, NormalsTask, SegmentationTask
+from taskloom.tasks import TASK_KINDS, BinaryTask, ClassificationTask, LandmarkTask, OrdinalExpectationTask, RegressionTask
 
 
 def test_every_kind_is_registered_with_a_primary_metric_and_flags():
@@ -94,3 +94,34 @@ def test_losses_backpropagate_for_every_kind():
         loss.backward()
         assert torch.isfinite(loss), task
         assert all(p.grad is not None for p in head.parameters()), task
+
+
+@pytest.mark.parametrize("task, output, target", [
+    (SegmentationTask("s", 3, output_size=(2, 2)), torch.randn(2, 3, 2, 2), torch.full((2, 2, 2), -1)),
+    (NormalsTask("n", output_size=(2, 2)), torch.randn(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)),
+    (DepthTask("d", output_size=(2, 2)), torch.randn(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)),
+])
+def test_dense_batch_without_labelled_pixels_is_zero_with_graph(task, output, target):
+    output.requires_grad_(True)
+    loss = task.loss(output, target)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(output.grad, torch.zeros_like(output))
+    assert task.labelled(target).all()  # missing targets of dense kinds are per pixel
+
+
+def test_a_new_kind_gets_the_missing_label_handling_from_the_base_class():
+    """A kind implements only the loss over labelled elements; Task.loss masks and returns an
+    exact, differentiable 0 for a batch without labels (NaN marks a missing float target)."""
+    from taskloom.tasks import Task
+
+    class Squared(Task):
+        def labelled_loss(self, output, target, mask):
+            return (output[mask] - target[mask]).pow(2).mean()
+
+    task = Squared("sq")
+    out = torch.tensor([1.0, 2.0, 4.0], requires_grad=True)
+    assert task.loss(out, torch.tensor([0.0, float("nan"), 2.0])).item() == pytest.approx(2.5)
+    loss = task.loss(out, torch.full((3,), float("nan")))
+    assert loss.item() == 0.0 and loss.requires_grad
+    assert task.labelled(torch.tensor([1, 2])).all()  # integer targets are always present

@@ -1,6 +1,5 @@
 import json
 import os
-import pickle
 
 import pytest
 import torch
@@ -19,11 +18,6 @@ INPUT = (1, 36, 36)
 
 def small_cs(tasks, **kw):
     return build_model(CrossStitchOptions(**kw), LeNetOptions(channels=[4, 8], hidden=16), tasks, INPUT)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return tiny_multimnist()
 
 
 def _measured_steps(model, optimizer, x, y):

@@ -42,11 +42,6 @@ class TwoHeads(nn.Module):
         return {t.name: head(h).pow(2).mean() for t, head in zip(self.tasks, self.heads)}
 
 
-@pytest.fixture(scope="module")
-def data():
-    return tiny_multimnist()
-
-
 def _grads(model):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 

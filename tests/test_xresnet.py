@@ -10,18 +10,12 @@ from taskloom.backbones import ResNet18Options, ResNet50Options, SmallResNetOpti
 from taskloom.errors import ConfigError
 from taskloom.mixers import CrossShortcut
 from taskloom.models import CrossResidual, SplitOptions, XResNetOptions, build_model, parameter_kinds
-from taskloom.tasks import ClassificationTask
+from taskloom.train import count_parameters as count
+
+from helpers import classification_tasks as tasks
 
 SMALL = SmallResNetOptions(channels=[8, 16], blocks=[1, 3], stem_channels=8)
 INPUT = (1, 16, 16)
-
-
-def tasks(k=2):
-    return [ClassificationTask(f"t{i}", 3 + i) for i in range(k)]
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 def copy_model(dst, src):

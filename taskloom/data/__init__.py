@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -195,8 +195,6 @@ class PartialLabels(_Wrapper):
                 y[t.name] = t.missing_like(torch.as_tensor(y[t.name]))
         return x, y
 
-
-Builder = Callable[[DataOptions], DataBundle]
 
 # Register the built-in datasets.
 from taskloom.data import multimnist  # noqa: E402,F401

@@ -210,7 +210,7 @@ def _load_image(root: Path, record: Record):
         raise ValueError(f"image {file} cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
-class FaceSet(Dataset):
+class MTFLFaces(Dataset):
     """Cropped faces ``(N, 1, S, S)`` uint8 with landmarks ``(N, 5, 2)`` (normalised crop
     coordinates), attributes ``(N, 4)`` and the boxes ``(N, 3)`` ``(x0, y0, side)`` in image pixels."""
 
@@ -222,9 +222,9 @@ class FaceSet(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, index: list[int] | np.ndarray, flip: bool = False) -> FaceSet:
+    def subset(self, index: list[int] | np.ndarray, flip: bool = False) -> MTFLFaces:
         idx = torch.as_tensor(np.asarray(index, dtype=np.int64))
-        return FaceSet(self.images[idx], self.landmarks[idx], self.attributes[idx], self.boxes[idx],
+        return MTFLFaces(self.images[idx], self.landmarks[idx], self.attributes[idx], self.boxes[idx],
                        [self.paths[i] for i in idx.tolist()], flip)
 
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -253,10 +253,10 @@ def flip_sample(x: Tensor, points: Tensor, attrs: Tensor) -> tuple[Tensor, Tenso
     return x, points, attrs
 
 
-_CACHE: dict[tuple, tuple[FaceSet, list[Problem]]] = {}
+_CACHE: dict[tuple, tuple[MTFLFaces, list[Problem]]] = {}
 
 
-def load_split(root: Path, split: str, options: MTFLOptions) -> tuple[FaceSet, list[Problem]]:
+def load_split(root: Path, split: str, options: MTFLOptions) -> tuple[MTFLFaces, list[Problem]]:
     """All valid faces of one annotation file (cached per process) and the problems found.
 
     Problems are collected, not raised: the caller decides (error or skip)."""
@@ -292,7 +292,7 @@ def load_split(root: Path, split: str, options: MTFLOptions) -> tuple[FaceSet, l
         boxes.append(box)
         paths.append(rec.path)
     n = len(images)
-    faces = FaceSet(
+    faces = MTFLFaces(
         torch.from_numpy(np.stack(images)).unsqueeze(1) if n else torch.zeros(0, 1, options.size, options.size, dtype=torch.uint8),
         torch.from_numpy(np.stack(points)).float() if n else torch.zeros(0, 5, 2),
         torch.from_numpy(np.stack(attrs)) if n else torch.zeros(0, 4, dtype=torch.int64),
@@ -310,7 +310,7 @@ def validation_index(paths: list[str], val_size: int) -> np.ndarray:
     return np.sort(np.array(order[:val_size], dtype=np.int64))
 
 
-def build_splits(options: MTFLOptions) -> tuple[dict[str, FaceSet], dict[str, list[Problem]], Path]:
+def build_splits(options: MTFLOptions) -> tuple[dict[str, MTFLFaces], dict[str, list[Problem]], Path]:
     root = resolve_root(options, FOLDER, HOW_TO_GET)
     missing = [name for name in ANNOTATIONS.values() if not (root / name).is_file()]
     if missing:

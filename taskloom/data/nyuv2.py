@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from taskloom.data import DATASETS, DataBundle, DataOptions, resolve_root
 from taskloom.errors import DataError
-from taskloom.tasks import DepthTask, NormalsTask, SegmentationTask
+from taskloom.dense import DepthTask, NormalsTask, SegmentationTask
 
 FOLDER = "nyuv2"
 PARTS = ("image", "label", "depth", "normal")

@@ -33,7 +33,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from taskloom.data import DATASETS, DataBundle, DataOptions, resolve_root
 from taskloom.data.manifest import ManifestSet
@@ -121,7 +120,7 @@ def split_of(name: str) -> str:
     return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
 
 
-class FaceSet(ManifestSet):
+class UTKFaces(ManifestSet):
     """Faces ``(N, 3, S, S)`` uint8 with targets ``age`` (float), ``gender`` and ``race``
     (int64): a :class:`~taskloom.data.manifest.ManifestSet` with UTKFace's class counts."""
 
@@ -147,7 +146,7 @@ class Scan:
 
     folder: Path
     total: int
-    splits: dict[str, FaceSet]
+    splits: dict[str, UTKFaces]
     malformed: list[str]  # "name: reason"
     damaged_suffix: list[str]
     seconds: float
@@ -212,7 +211,7 @@ def scan(options: UTKFaceOptions) -> Scan:
         targets = {"age": torch.tensor(p["age"], dtype=torch.float32),
                    "gender": torch.tensor(p["gender"], dtype=torch.int64),
                    "race": torch.tensor(p["race"], dtype=torch.int64)}
-        splits[split] = FaceSet(images, targets, p["name"])
+        splits[split] = UTKFaces(images, targets, p["name"])
     result = Scan(folder, len(names), splits, malformed, damaged, time.perf_counter() - started)
     _CACHE[key] = result
     return result
@@ -240,7 +239,7 @@ def build_utkface(options: UTKFaceOptions) -> DataBundle:
         raise DataError(f"utkface: too few usable images in {result.folder} for train/val/test "
                         f"({ {k: len(v) for k, v in result.splits.items()} })")
     train = result.splits["train"]
-    train = FaceSet(train.images, train.targets, train.paths, flip=options.flip)
+    train = UTKFaces(train.images, train.targets, train.paths, flip=options.flip)
     s = options.size
     return DataBundle(train, result.splits["val"], result.splits["test"], make_tasks(options), (3, s, s))
 

@@ -45,8 +45,10 @@ def _main(args: argparse.Namespace) -> int:
     elif args.overrides:
         raise ConfigError(f"inspect: KEY=VALUE overrides ({args.overrides[0]}) apply to a YAML config, not a checkpoint")
     else:
-        model, config, payload, data = load_model(args.checkpoint, args.data_root)
-    print(report(model, config, data.tasks, data.input_shape, source=args.checkpoint, payload=payload))
+        from taskloom.train import load_run
+
+        model, config, payload, data = load_run(args.checkpoint, args.data_root)
+    print(inspection_text(model, config, data.tasks, data.input_shape, source=args.checkpoint, payload=payload))
     if args.plot:
         for path in plot(model, args.plot):
             print(f"wrote {path}")
@@ -64,13 +66,6 @@ def build_from_config(path: str, overrides: list[str], data_root: str | None = N
     return model.eval(), config, None, data
 
 
-def load_model(path: str | Path, data_root: str | None = None):
-    """Rebuild a checkpoint's model from its saved config and load its weights."""
-    from taskloom.train import load_run
-
-    return load_run(path, data_root)
-
-
 def _count(params) -> int:
     seen, total = set(), 0
     for p in params:
@@ -85,7 +80,7 @@ def _params(modules) -> list:
 
 
 def counts(model, tasks, input_shape, backbone_options) -> dict[str, Any]:
-    """All the numbers :func:`report` prints, as a mapping (used by the tests and the docs)."""
+    """All the numbers :func:`inspection_text` prints, as a mapping (used by the tests and the docs)."""
     from taskloom.backbones import Backbone
     from taskloom.models import MultiTaskNet, parameter_kinds
 
@@ -105,7 +100,7 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
-def report(model, config, tasks, input_shape, source: str = "", payload: dict | None = None) -> str:
+def inspection_text(model, config, tasks, input_shape, source: str = "", payload: dict | None = None) -> str:
     """The text ``taskloom inspect`` prints."""
     numbers = counts(model, tasks, input_shape, config.model.backbone)
     arch = config.model.architecture
@@ -229,21 +224,30 @@ def plot(model, folder: str | Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
-
     from taskloom.mixers import CrossShortcut, CrossStitch, Sluice
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    names = [t.name for t in getattr(model, "tasks", [])]
+    figures = _Figures(Path(folder), [t.name for t in getattr(model, "tasks", [])])
     units = _units(model)
-    written = []
+    _plot_cross_stitch(figures, [(n, u) for n, u in units if isinstance(u, CrossStitch)])
+    _plot_cross_residual(figures, [(n, u) for n, u in units if isinstance(u, CrossShortcut) and u.cross == "scale"])
+    _plot_block_norms(figures, units)
+    _plot_sluice(figures, [(n, u) for n, u in units if isinstance(u, Sluice)])
+    return figures.written
 
-    def task_names(k: int) -> list[str]:
-        return names if len(names) == k else [f"task {i}" for i in range(k)]
 
-    def grid(n: int, width: float = 4.6, height: float = 3.8):
+class _Figures:
+    """Grids of subplots saved as PNGs into one folder (the paths written, in order)."""
+
+    def __init__(self, folder: Path, names: list[str]):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.names, self.written = folder, names, []
+
+    def task_names(self, k: int) -> list[str]:
+        return self.names if len(self.names) == k else [f"task {i}" for i in range(k)]
+
+    def grid(self, n: int, width: float = 4.6, height: float = 3.8):
+        import matplotlib.pyplot as plt
+
         cols = min(n, 3)
         rows = (n + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
@@ -251,95 +255,109 @@ def plot(model, folder: str | Path) -> list[Path]:
             ax.axis("off")
         return fig, list(axes.flat)
 
-    def save(fig, title: str, filename: str) -> None:
+    def save(self, fig, title: str, filename: str) -> None:
+        import matplotlib.pyplot as plt
+
         fig.suptitle(title, fontsize=13)
         fig.tight_layout()
-        path = folder / filename
+        path = self.folder / filename
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        written.append(path)
+        self.written.append(path)
 
-    stitches = [(n, u) for n, u in units if isinstance(u, CrossStitch)]
-    if stitches:
-        fig, axes = grid(len(stitches))
-        for ax, (name, unit) in zip(axes, stitches):
-            alpha = unit.matrix()
-            task = task_names(unit.num_tasks)
-            x = torch.arange(1, alpha.shape[0] + 1)
-            for t in range(unit.num_tasks):
-                for s in range(unit.num_tasks):
-                    values = alpha[:, t, s].sort(descending=True).values
-                    same = s == t
-                    ax.plot(x, values, "-" if same else "--", marker="o" if alpha.shape[0] == 1 or unit.granularity == "layer" else None,
-                            markersize=3, label=f"{'same' if same else 'diff'}: {task[s]} -> {task[t]}")
-            ax.set_title(f"{getattr(unit, 'label', name)} ({unit.granularity}, C={unit.channels})")
-            ax.set_xlabel("channel, sorted by weight" if unit.granularity == "channel" else "channel (one weight per layer)")
-            ax.set_ylabel("alpha")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7, title="alpha_same / alpha_diff: source -> target", title_fontsize=7)
-        save(fig, "Cross-stitch units: sorted alpha_same (solid) and alpha_diff (dashed) per stage", "cross_stitch.png")
 
-    crosses = [(n, u) for n, u in units if isinstance(u, CrossShortcut) and u.cross == "scale"]
-    if crosses:
-        fig, axes = grid(len(crosses))
-        for ax, (name, unit) in zip(axes, crosses):
-            task = task_names(unit.num_tasks)
-            w = unit.weight.detach()
-            for p, (t, s) in enumerate(unit.pairs):
-                ax.plot(torch.arange(1, w.shape[1] + 1), w[p].sort().values, label=f"{task[s]} -> {task[t]}")
-            ax.axhline(0, color="grey", linewidth=0.8)
-            ax.set_title(f"{getattr(unit, 'label', name)} (C={unit.channels})")
-            ax.set_xlabel("channel, sorted by weight")
-            ax.set_ylabel("cross-residual scale a")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8, title="source -> target task", title_fontsize=8)
-        save(fig, "Cross-residual scale weights per connection, sorted (cf. X-ResNet Fig. 5)", "cross_residual.png")
+def _plot_cross_stitch(figures: _Figures, stitches: list) -> None:
+    import torch
 
+    if not stitches:
+        return
+    fig, axes = figures.grid(len(stitches))
+    for ax, (name, unit) in zip(axes, stitches):
+        alpha = unit.matrix()
+        task = figures.task_names(unit.num_tasks)
+        x = torch.arange(1, alpha.shape[0] + 1)
+        for t in range(unit.num_tasks):
+            for s in range(unit.num_tasks):
+                values = alpha[:, t, s].sort(descending=True).values
+                same = s == t
+                ax.plot(x, values, "-" if same else "--", marker="o" if alpha.shape[0] == 1 or unit.granularity == "layer" else None,
+                        markersize=3, label=f"{'same' if same else 'diff'}: {task[s]} -> {task[t]}")
+        ax.set_title(f"{getattr(unit, 'label', name)} ({unit.granularity}, C={unit.channels})")
+        ax.set_xlabel("channel, sorted by weight" if unit.granularity == "channel" else "channel (one weight per layer)")
+        ax.set_ylabel("alpha")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="alpha_same / alpha_diff: source -> target", title_fontsize=7)
+    figures.save(fig, "Cross-stitch units: sorted alpha_same (solid) and alpha_diff (dashed) per stage", "cross_stitch.png")
+
+
+def _plot_cross_residual(figures: _Figures, crosses: list) -> None:
+    import torch
+
+    if not crosses:
+        return
+    fig, axes = figures.grid(len(crosses))
+    for ax, (name, unit) in zip(axes, crosses):
+        task = figures.task_names(unit.num_tasks)
+        w = unit.weight.detach()
+        for p, (t, s) in enumerate(unit.pairs):
+            ax.plot(torch.arange(1, w.shape[1] + 1), w[p].sort().values, label=f"{task[s]} -> {task[t]}")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_title(f"{getattr(unit, 'label', name)} (C={unit.channels})")
+        ax.set_xlabel("channel, sorted by weight")
+        ax.set_ylabel("cross-residual scale a")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="source -> target task", title_fontsize=8)
+    figures.save(fig, "Cross-residual scale weights per connection, sorted (cf. X-ResNet Fig. 5)", "cross_residual.png")
+
+
+def _plot_block_norms(figures: _Figures, units: list) -> None:
     mixers = []
     for name, unit in units:
         try:
             mixers.append((name, unit, block_norms(unit)))
         except NotImplementedError:
             pass
-    if mixers:
-        fig, axes = grid(len(mixers), 4.8, 3.8)
-        vmax = max(float(norms.max()) for _, _, norms in mixers)
-        for ax, (name, unit, norms) in zip(axes, mixers):
-            task = task_names(unit.num_tasks)
-            image = ax.imshow(norms.numpy(), cmap="viridis", vmin=0, vmax=max(vmax, 1e-6))
-            k = unit.num_tasks
-            ax.set_xticks(range(k), task, rotation=30)
-            ax.set_yticks(range(k), task)
-            ax.set_xlabel("source task s")
-            ax.set_ylabel("target task t")
-            for t in range(k):
-                for s in range(k):
-                    value = float(norms[t, s])
-                    ax.text(s, t, f"{value:.2f}", ha="center", va="center",
-                            color="black" if value > 0.6 * vmax else "white", fontsize=9)
-            ax.set_title(f"{type(unit).__name__} {getattr(unit, 'label', name)}", fontsize=10)
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="||A[t][s]||_F / sqrt(C)")
-        save(fig, "Mixer block norms per unit (alpha * I shows as alpha)", "mixer_blocks.png")
+    if not mixers:
+        return
+    fig, axes = figures.grid(len(mixers), 4.8, 3.8)
+    vmax = max(float(norms.max()) for _, _, norms in mixers)
+    for ax, (name, unit, norms) in zip(axes, mixers):
+        task = figures.task_names(unit.num_tasks)
+        image = ax.imshow(norms.numpy(), cmap="viridis", vmin=0, vmax=max(vmax, 1e-6))
+        k = unit.num_tasks
+        ax.set_xticks(range(k), task, rotation=30)
+        ax.set_yticks(range(k), task)
+        ax.set_xlabel("source task s")
+        ax.set_ylabel("target task t")
+        for t in range(k):
+            for s in range(k):
+                value = float(norms[t, s])
+                ax.text(s, t, f"{value:.2f}", ha="center", va="center",
+                        color="black" if value > 0.6 * vmax else "white", fontsize=9)
+        ax.set_title(f"{type(unit).__name__} {getattr(unit, 'label', name)}", fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="||A[t][s]||_F / sqrt(C)")
+    figures.save(fig, "Mixer block norms per unit (alpha * I shows as alpha)", "mixer_blocks.png")
 
-    sluices = [(n, u) for n, u in units if isinstance(u, Sluice)]
-    if sluices:
-        fig, axes = grid(len(sluices), 4.4, 4.0)
-        for ax, (name, unit) in zip(axes, sluices):
-            task = task_names(unit.num_tasks)
-            labels = [f"{t}:{i + 1}" for t in task for i in range(unit.subspaces)]
-            a = unit.alpha.detach()
-            bound = float(a.abs().max())
-            image = ax.imshow(a.numpy(), cmap="coolwarm", vmin=-bound, vmax=bound)
-            ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
-            ax.set_yticks(range(len(labels)), labels, fontsize=8)
-            ax.set_xlabel("source task:subspace")
-            ax.set_ylabel("target task:subspace")
-            if len(labels) <= 8:
-                for r in range(len(labels)):
-                    for c in range(len(labels)):
-                        ax.text(c, r, f"{float(a[r, c]):.2f}", ha="center", va="center", fontsize=8,
-                                color="white" if abs(float(a[r, c])) > 0.6 * bound else "black")
-            ax.set_title(f"{getattr(unit, 'label', name)} (S={unit.subspaces})", fontsize=10)
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="alpha")
-        save(fig, "Sluice mixing matrices per unit", "sluice.png")
-    return written
+
+def _plot_sluice(figures: _Figures, sluices: list) -> None:
+    if not sluices:
+        return
+    fig, axes = figures.grid(len(sluices), 4.4, 4.0)
+    for ax, (name, unit) in zip(axes, sluices):
+        task = figures.task_names(unit.num_tasks)
+        labels = [f"{t}:{i + 1}" for t in task for i in range(unit.subspaces)]
+        a = unit.alpha.detach()
+        bound = float(a.abs().max())
+        image = ax.imshow(a.numpy(), cmap="coolwarm", vmin=-bound, vmax=bound)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("source task:subspace")
+        ax.set_ylabel("target task:subspace")
+        if len(labels) <= 8:
+            for r in range(len(labels)):
+                for c in range(len(labels)):
+                    ax.text(c, r, f"{float(a[r, c]):.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if abs(float(a[r, c])) > 0.6 * bound else "black")
+        ax.set_title(f"{getattr(unit, 'label', name)} (S={unit.subspaces})", fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="alpha")
+    figures.save(fig, "Sluice mixing matrices per unit", "sluice.png")

@@ -43,11 +43,12 @@ def test_train_then_inspect_nddr(tmp_path, capsys):
 
 
 def test_inspect_numbers_and_xresnet_plots(tmp_path, capsys):
-    from taskloom.inspect import counts, load_model
+    from taskloom.inspection import counts
     from taskloom.models import SingleOptions, build_model
+    from taskloom.train import load_run
 
     ckpt = _checkpoint(tmp_path, {"name": "xresnet", "cross": "scale"}, SMALL)
-    model, config, payload, data = load_model(ckpt)
+    model, config, payload, data = load_run(ckpt)
     numbers = counts(model, data.tasks, data.input_shape, config.model.backbone)
     assert numbers["kinds"]["fusion"] == 2 * 2 * 8  # 2 cross-residual blocks x K(K-1) connections x C
     assert numbers["total"] == sum(p.numel() for p in model.parameters())
