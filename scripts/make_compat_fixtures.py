@@ -45,7 +45,7 @@ def taskloom(*args: str) -> None:
 
 def probe_outputs(checkpoint: Path) -> dict[str, list]:
     """Outputs of the checkpoint's model (eval mode) on the first ``PROBE`` test images."""
-    from taskloom.train import load_run
+    from taskloom.experiment import load_run
 
     model, _, _, data = load_run(checkpoint)
     x = torch.stack([data.test[i][0] for i in range(PROBE)])

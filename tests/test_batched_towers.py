@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
+from taskloom.architectures import CrossStitchOptions, NDDROptions, SingleOptions, SluiceOptions, build_model
 from taskloom.backbones import LeNetOptions, SmallResNetOptions, TCDCNOptions
-from taskloom.models import (CrossStitchOptions, NDDROptions, SingleOptions, SluiceOptions, TaskParallel,
-                             build_model, configure_towers)
+from taskloom.models import TaskParallel, configure_towers
 from taskloom.tasks import ClassificationTask
 
 DEVICE = torch.device(os.environ.get("TASKLOOM_TEST_DEVICE", "cpu"))  # benchmarks/gpu_check.sh: cuda

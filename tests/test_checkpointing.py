@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
+from taskloom.architectures import CrossStitchOptions, SingleOptions, build_model
 from taskloom.backbones import LeNetOptions, SmallResNetOptions
-from taskloom.models import CrossStitchOptions, SingleOptions, build_model, configure_towers
+from taskloom.models import configure_towers
 from taskloom.tasks import ClassificationTask
 
 DEVICE = torch.device(os.environ.get("TASKLOOM_TEST_DEVICE", "cpu"))  # benchmarks/gpu_check.sh: cuda

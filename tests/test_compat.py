@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from taskloom import checkpoint, cli
-from taskloom.train import load_run
+from taskloom.experiment import load_run
 from taskloom.weighting import build_weighting
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "compat"

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from taskloom.architectures import CrossStitchOptions, SingleOptions, SplitOptions, build_model
 from taskloom.backbones import LeNetOptions
 from taskloom.config import Config, ModelConfig, TrainConfig, load
 from taskloom.errors import ConfigError
-from taskloom.models import CrossStitchOptions, SingleOptions, SplitOptions, TaskParallel, build_model, parameter_kinds
+from taskloom.models import TaskParallel, parameter_kinds
 from taskloom.regularizers import RegularizerOptions, TowerRegularizer, attach_regularizer, safe_expm1
 from taskloom.train import build_optimizer, fit
 

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from taskloom import checkpoint
+from taskloom.architectures import CrossStitchOptions, SplitOptions, build_model
 from taskloom.backbones import LeNetOptions
 from taskloom.config import Config, TrainConfig, load
-from taskloom.models import CrossStitchOptions, SplitOptions, build_model
 from taskloom.train import Interrupted, fit
 from taskloom.weighting import (
     WEIGHTINGS, DWAOptions, DWAWeighting, FixedOptions, GradNormOptions, GradNormWeighting, PCGradOptions,
