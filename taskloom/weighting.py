@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from taskloom.models import MultiTaskModel
 from taskloom.registry import Registry
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting")
@@ -52,7 +53,8 @@ class Weighting(nn.Module):
         self.task_names = list(task_names)
         self.static = {t: float(static_weights.get(t, 1.0)) for t in task_names}
 
-    def backward(self, losses: dict[str, Tensor], penalties: dict[str, Tensor], model: nn.Module) -> dict[str, float]:
+    def backward(self, losses: dict[str, Tensor], penalties: dict[str, Tensor],
+                 model: MultiTaskModel) -> dict[str, float]:
         """Run the backward pass of one batch; return the weight applied to each task."""
         raise NotImplementedError
 
@@ -128,9 +130,10 @@ class UncertaintyWeighting(Weighting):
         self.forms = dict(forms or {})
         self._scale: dict[str, float] | None = None
 
-    def scales(self, model: nn.Module | None) -> dict[str, float]:
+    def scales(self, model: MultiTaskModel | None) -> dict[str, float]:
+        """``c_t`` of every task: 1/2 (regression form) or 1 (classification form)."""
         if self._scale is None:
-            kinds = {t.name: t.kind for t in getattr(model, "tasks", [])}
+            kinds = {t.name: t.kind for t in model.tasks} if model is not None else {}
             form = {t: self.forms.get(t, "regression" if kinds.get(t) in REGRESSION_KINDS else "classification")
                     for t in self.task_names}
             self._scale = {t: 0.5 if form[t] == "regression" else 1.0 for t in self.task_names}
@@ -219,51 +222,22 @@ class GradNormOptions(WeightingOptions):
     """Asymmetry: larger pulls harder toward tasks that train slowly (0: equal gradient norms)."""
 
 
-def _own_params(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters(recurse=False) if p.requires_grad]
-
-
-def _last_layer(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the last conv/linear (a >= 2-d weight) in ``module``, else of its last
-    parameterised module (normalisation layers only count when there is nothing else)."""
-    layers = [_own_params(m) for m in module.modules() if _own_params(m)]
-    kernels = [ps for ps in layers if any(p.dim() >= 2 for p in ps)]
-    return (kernels or layers or [[]])[-1]
-
-
-def shared_layer(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters GradNorm measures gradient norms on ("the last shared layer").
+def shared_layer(model: MultiTaskModel) -> list[nn.Parameter]:
+    """The parameters GradNorm measures gradient norms on ("the last shared layer"): the
+    model's :meth:`~taskloom.models.MultiTaskModel.last_shared_layer`.
 
     * a non-empty shared trunk: the last conv/linear layer of ``model.trunk`` (the paper);
     * no trunk (towers from the input: ``single``, ``split@0``, ``cross_stitch``): the last
-      conv/linear layer of every task's first tower stage (``model.tower_stages(t)[0]``, or
-      the towers of the first ``TaskParallel`` block), all towers together. With
+      conv/linear layer of every task's first tower stage, all towers together. With
       cross-stitch units every task's loss reaches all of them (the nearest thing to a shared
       layer); with fully separate towers each task reaches only its own, so GradNorm then
       balances the towers' gradient magnitudes and has no shared weights to trade off;
-    * an ensemble: the union over members; anything else: the first parameterised module.
+    * an ensemble: the union over members.
     """
-    members = getattr(model, "members", None)
-    if members is not None:
-        return [p for m in members for p in shared_layer(m)]
-    trunk = getattr(model, "trunk", None)
-    if trunk is not None and _last_layer(trunk):
-        return _last_layer(trunk)
-    tasks = getattr(model, "tasks", [])
-    try:
-        firsts = [model.tower_stages(t)[0] for t in range(len(tasks)) if model.tower_stages(t)]
-    except (AttributeError, IndexError, TypeError):
-        firsts = []
-    if any(_last_layer(m) for m in firsts):
-        return [p for m in firsts for p in _last_layer(m)]
-    for block in getattr(model, "body", []):
-        towers = getattr(block, "towers", None)
-        if towers is not None and any(_last_layer(t) for t in towers):
-            return [p for t in towers for p in _last_layer(t)]
-    for m in model.modules():
-        if _own_params(m):
-            return _own_params(m)
-    raise ValueError("gradnorm: the model has no parameters")
+    layer = model.last_shared_layer()
+    if not layer:
+        raise ValueError("gradnorm: the model has no parameters")
+    return layer
 
 
 class GradNormWeighting(Weighting):

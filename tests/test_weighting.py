@@ -10,6 +10,7 @@ from taskloom import checkpoint
 from taskloom.architectures import CrossStitchOptions, SplitOptions, build_model
 from taskloom.backbones import LeNetOptions
 from taskloom.config import Config, TrainConfig, load
+from taskloom.models import last_layer
 from taskloom.train import Interrupted, fit
 from taskloom.weighting import (
     WEIGHTINGS, DWAOptions, DWAWeighting, FixedOptions, GradNormOptions, GradNormWeighting, PCGradOptions,
@@ -28,7 +29,8 @@ class _Task:
 
 
 class TwoHeads(nn.Module):
-    """A shared linear layer (trunk) and one linear head per task; plus a penalty-only parameter."""
+    """A shared linear layer (trunk) and one linear head per task; plus a penalty-only parameter.
+    (The parts of the MultiTaskModel contract the weightings use: tasks, last_shared_layer.)"""
 
     def __init__(self, kinds=("classification", "classification")):
         super().__init__()
@@ -36,6 +38,9 @@ class TwoHeads(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(3, 4))
         self.heads = nn.ModuleList([nn.Linear(4, 1) for _ in kinds])
         self.extra = nn.Parameter(torch.tensor(2.0))
+
+    def last_shared_layer(self):
+        return last_layer(self.trunk)
 
     def losses(self, x):
         h = torch.tanh(self.trunk(x))
