@@ -40,9 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from taskloom.architectures import (  # noqa: E402
+    CrossStitchOptions, NDDROptions, SingleOptions, SluiceOptions, SplitOptions, XResNetOptions, build_model,
+)
 from taskloom.backbones import LeNetOptions, ResNet18Options, TCDCNOptions  # noqa: E402
-from taskloom.models import (CrossStitchOptions, NDDROptions, SingleOptions, SluiceOptions,  # noqa: E402
-                             SplitOptions, XResNetOptions, build_model, configure_towers)
+from taskloom.models import configure_towers  # noqa: E402
 from taskloom.tasks import ClassificationTask  # noqa: E402
 
 BACKBONES = {

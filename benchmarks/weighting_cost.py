@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from taskloom.architectures import CrossStitchOptions, SplitOptions, build_model  # noqa: E402
 from taskloom.backbones import LeNetOptions  # noqa: E402
 from taskloom.config import TrainConfig  # noqa: E402
 from taskloom.data import build_data  # noqa: E402
 from taskloom.data.multimnist import MultiMNISTOptions  # noqa: E402
-from taskloom.models import CrossStitchOptions, SplitOptions, build_model  # noqa: E402
 from taskloom.train import build_optimizer  # noqa: E402
 from taskloom.weighting import WEIGHTINGS, build_weighting  # noqa: E402
 

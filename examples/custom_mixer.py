@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import taskloom as tl
+from taskloom.architectures import ARCHITECTURES, ArchOptions, towers_with_mixers
 from taskloom.config import from_dict
 from taskloom.mixers import Mixer
-from taskloom.models import ARCHITECTURES, ArchOptions, towers_with_mixers
 
 from _common import run_dir, settings
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from taskloom import checkpoint
+from taskloom.architectures import build_model
 from taskloom.config import load
 from taskloom.data import build_data
 from taskloom.data.mix import MixedSet
-from taskloom.models import build_model
 from taskloom.train import evaluate
 
 

@@ -1,16 +1,18 @@
 """taskloom: multi-task deep learning with learned cross-task feature sharing."""
-from taskloom.backbones import BACKBONES, Backbone, BackboneOptions, LeNetOptions, TCDCNOptions
+from taskloom.architectures import (
+    ARCHITECTURES, CrossStitchOptions, EnsembleOptions, NDDROptions, NDDRShortcutOptions, SingleOptions, SluiceOptions,
+    SplitOptions, XResNetOptions, build_model,
+)
+from taskloom.backbones import BACKBONES, Backbone, BackboneOptions, LeNetOptions, SmallResNetOptions, TCDCNOptions
+from taskloom.blocks import CrossResidual
 from taskloom.config import Config, GroupOptions, ModelConfig, ParamGroups, ScheduleOptions, TrainConfig
 from taskloom.data import DATASETS, DataBundle, DataOptions, build_data
 from taskloom.data.multimnist import MultiMNISTOptions
 from taskloom.errors import CheckpointError, ConfigError, DataError, TaskloomError
+from taskloom.experiment import run
 from taskloom.mixers import NDDR, CrossShortcut, CrossStitch, Mixer, Sluice
-from taskloom.models import (
-    ARCHITECTURES, CrossStitchOptions, EnsembleOptions, MultiTaskNet, SingleOptions, SplitOptions, build_model,
-)
-from taskloom.models import CrossResidual, NDDROptions, NDDRShortcutOptions, SluiceOptions, XResNetOptions
-from taskloom.backbones import SmallResNetOptions
+from taskloom.models import MultiTaskModel, MultiTaskNet
 from taskloom.tasks import ClassificationTask, Task
-from taskloom.train import evaluate, fit, run
+from taskloom.train import evaluate, fit
 
 __version__ = "0.1.0"

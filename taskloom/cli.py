@@ -65,7 +65,7 @@ EXTENSIONS = ("taskloom.inspection", "taskloom.data.check", "taskloom.compare")
 
 def _train(args: argparse.Namespace) -> int:
     from taskloom import config as cfg
-    from taskloom.train import run
+    from taskloom.experiment import run
 
     overrides = list(args.overrides)
     if args.config and "=" in args.config and not Path(args.config).exists():
@@ -87,7 +87,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from taskloom.train import count_parameters, evaluate, load_run, resolve_device
+    from taskloom.experiment import load_run
+    from taskloom.train import count_parameters, evaluate, resolve_device
 
     path = Path(args.checkpoint)
     model, config, payload, data = load_run(path, args.data_root)

@@ -24,7 +24,7 @@ from taskloom.errors import ConfigError
 from taskloom.registry import Registry
 
 # Importing these modules fills the registries the tagged fields dispatch on.
-from taskloom.models import ArchOptions, CrossStitchOptions
+from taskloom.architectures import ArchOptions, CrossStitchOptions
 from taskloom.backbones import BackboneOptions, LeNetOptions
 from taskloom.data import DataOptions
 from taskloom.data.multimnist import MultiMNISTOptions

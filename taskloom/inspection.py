@@ -58,7 +58,7 @@ def _main(args: argparse.Namespace) -> int:
 def build_from_config(path: str, overrides: list[str], data_root: str | None = None):
     """The (untrained) model a config file describes, for counting before training."""
     from taskloom import config as cfg
-    from taskloom.train import build_experiment
+    from taskloom.experiment import build_experiment
 
     overrides = list(overrides) + ([f"data.root={data_root}"] if data_root else [])
     config = cfg.load(path, overrides)

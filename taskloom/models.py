@@ -1,4 +1,4 @@
-"""Multi-task networks: a shared trunk, task towers with mixers between stages, one head per task.
+"""The multi-task network container: a shared trunk, a body of K-feature blocks, one head per task.
 
 Every architecture is the same picture (REFERENCE §0)::
 
@@ -6,45 +6,58 @@ Every architecture is the same picture (REFERENCE §0)::
 
 The body is a list of blocks, each ``list of K tensors -> list of K tensors``:
 :class:`TaskParallel` applies tower t's stage to feature t; a :class:`~taskloom.mixers.Mixer`
-exchanges features between towers. So:
+exchanges features between towers. The architectures that assemble these containers are in
+:mod:`taskloom.architectures`; blocks reading several stages (NDDR shortcut, beta mixing,
+cross-residual blocks) in :mod:`taskloom.blocks`.
 
-* ``single``: k = 0 and no mixers (K independent networks in one module);
-* ``split@k``: trunk of k stages, towers above (k = number of stages: only heads separate);
-* ``cross_stitch``: towers with a cross-stitch unit after chosen stages (and an optional trunk).
-
-Register a new architecture with ``ARCHITECTURES.register(name, OptionsClass)(builder)``; the
-builder gets its options, a :class:`~taskloom.backbones.Backbone` and the tasks.
+:class:`MultiTaskModel` is the contract between a network and the loss side (the trainer, the
+loss weightings, the tower-weight regulariser); :class:`MultiTaskNet` and :class:`Ensemble`
+implement it.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Any, ClassVar, Literal
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from taskloom.backbones import Backbone, BackboneOptions
-from taskloom.errors import ConfigError
-from taskloom.mixers import NDDR, CrossStitch, Mixer, Sluice
-from taskloom.registry import Registry
+from taskloom.mixers import Mixer
 from taskloom.tasks import Task
 
 
-def _shorthand(value: str) -> dict[str, Any] | None:
-    match = re.fullmatch(r"split@(\d+)", value.strip())
-    return {"name": "split", "at": int(match.group(1))} if match else None
+@runtime_checkable
+class MultiTaskModel(Protocol):
+    """What the trainer and the loss side need from a multi-task network.
 
+    :class:`MultiTaskNet` and :class:`Ensemble` implement it; so must any other network given to
+    :func:`~taskloom.train.fit` (structurally: no base class is needed). Called as
+    ``model(x) -> {task name: output}``.
+    """
 
-ARCHITECTURES: Registry[nn.Module] = Registry("architecture", shorthand=_shorthand)
+    tasks: list[Task]
+    """The K tasks, in tower order."""
 
+    @property
+    def task_names(self) -> list[str]:
+        """Names of the K tasks, in tower order."""
 
-@dataclasses.dataclass
-class ArchOptions:
-    """Base of every architecture's options; ``name`` picks the architecture."""
+    def loss_terms(self, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unweighted loss of every task."""
 
-    registry: ClassVar[Registry] = ARCHITECTURES
-    name: str = ""
+    def penalty(self) -> dict[str, Tensor]:
+        """Named extra loss terms (added with weight 1): the ``penalty()`` of every submodule that
+        defines one. A regulariser registered as a submodule is therefore included."""
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        """The parameters GradNorm measures per-task gradient norms on ("the last shared layer")."""
+
+    def tower_stages(self, t: int) -> list[nn.Module]:
+        """The backbone stages task t's prediction goes through, stages shared by every task first
+        (the same module objects for every t). Empty when a task has no single chain of stages."""
+
+    def task_modules(self, t: int) -> list[nn.Module]:
+        """Modules used by task t only (its tower stages above the trunk, its part of other
+        blocks, its head)."""
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -147,6 +160,39 @@ class Heads(nn.ModuleDict):
     param_kind = "head"
 
 
+def collect_penalties(module: nn.Module) -> dict[str, Tensor]:
+    """The ``penalty()`` terms of ``module``'s submodules, terms of the same name summed.
+
+    A submodule that defines ``penalty()`` answers for its own submodules; the others are
+    searched recursively. This is how a network's penalty includes its mixers' (sluice
+    orthogonality) and a registered regulariser's terms without knowing about either.
+    """
+    terms: dict[str, Tensor] = {}
+
+    def visit(parent: nn.Module) -> None:
+        for child in parent.children():
+            if callable(getattr(child, "penalty", None)):
+                for name, value in child.penalty().items():
+                    terms[name] = terms[name] + value if name in terms else value
+            else:
+                visit(child)
+
+    visit(module)
+    return terms
+
+
+def _trainable_own_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
+
+
+def last_layer(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the last conv/linear layer (a >= 2-d weight) in ``module``, else of its last
+    parameterised module (normalisation layers only count when there is nothing else)."""
+    layers = [_trainable_own_parameters(m) for m in module.modules() if _trainable_own_parameters(m)]
+    kernels = [ps for ps in layers if any(p.dim() >= 2 for p in ps)]
+    return (kernels or layers or [[]])[-1]
+
+
 class MultiTaskNet(nn.Module):
     """``forward(x) -> {task name: output}``.
 
@@ -194,20 +240,16 @@ class MultiTaskNet(nn.Module):
 
     def penalty(self) -> dict[str, Tensor]:
         """Named extra loss terms, added to the weighted task losses: the ``penalty()`` of every
-        submodule that defines one (sluice orthogonality, tower-weight regularisers, ...),
-        terms of the same name summed. A module's own submodules are left to it."""
-        terms: dict[str, Tensor] = {}
+        submodule that defines one (sluice orthogonality, a tower-weight regulariser registered
+        as ``regularizer``, ...), terms of the same name summed (:func:`collect_penalties`)."""
+        return collect_penalties(self)
 
-        def visit(module: nn.Module) -> None:
-            for child in module.children():
-                if callable(getattr(child, "penalty", None)):
-                    for name, value in child.penalty().items():
-                        terms[name] = terms[name] + value if name in terms else value
-                else:
-                    visit(child)
-
-        visit(self)
-        return terms
+    def set_tower_stages(self, stages: list[list[nn.Module]]) -> None:
+        """Record each task's backbone stages above the trunk (the builders call this; see
+        :meth:`tower_stages`)."""
+        if len(stages) != len(self.tasks):
+            raise ValueError(f"{len(self.tasks)} tasks, {len(stages)} lists of tower stages")
+        self._tower_stages = [list(s) for s in stages]
 
     def tower_stages(self, t: int) -> list[nn.Module]:
         """The backbone stages task t's prediction goes through (shared trunk stages first).
@@ -225,6 +267,25 @@ class MultiTaskNet(nn.Module):
             if callable(getattr(block, "task_modules", None)):
                 modules += block.task_modules(t)
         return modules + [self.heads[self.tasks[t].name]]
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        """The parameters GradNorm measures gradient norms on (docs/weighting.md):
+
+        * a non-empty shared trunk: its last conv/linear layer (the paper's choice);
+        * no trunk (towers from the input): the last conv/linear layer of every task's first
+          tower stage, all towers together (with mixers every task's loss reaches all of them);
+        * tower stages not recorded (a network assembled by hand): the towers of the first
+          :class:`TaskParallel` block; failing everything, the first parameterised module.
+        """
+        if last_layer(self.trunk):
+            return last_layer(self.trunk)
+        firsts = [stages[0] for stages in map(self.tower_stages, range(len(self.tasks))) if stages]
+        if any(last_layer(m) for m in firsts):
+            return [p for m in firsts for p in last_layer(m)]
+        for block in self.body:
+            if isinstance(block, TaskParallel) and any(last_layer(t) for t in block.towers):
+                return [p for t in block.towers for p in last_layer(t)]
+        return next((_trainable_own_parameters(m) for m in self.modules() if _trainable_own_parameters(m)), [])
 
     def mixers(self) -> list[tuple[str, Mixer]]:
         """(name, mixer) of every mixing unit, in forward order."""
@@ -246,6 +307,10 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self.tasks = members[0].tasks
 
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         outs = [m(x) for m in self.members]
         if self.training:
@@ -259,6 +324,23 @@ class Ensemble(nn.Module):
             t.name: torch.stack([t.loss(o, targets[t.name]) for o in outputs[t.name]]).mean()
             for t in self.tasks
         }
+
+    def penalty(self) -> dict[str, Tensor]:
+        """The members' penalty terms (and those of any other submodule), summed by name."""
+        return collect_penalties(self)
+
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        """The union of the members' last shared layers (members share nothing with each other)."""
+        return [p for member in self.members for p in member.last_shared_layer()]
+
+    def tower_stages(self, t: int) -> list[nn.Module]:
+        """Empty: each member has its own tower for task t, so there is no single chain of
+        stages (a tower-weight regulariser finds nothing to pull together and says so)."""
+        return []
+
+    def task_modules(self, t: int) -> list[nn.Module]:
+        """Task t's modules in every member."""
+        return [m for member in self.members for m in member.task_modules(t)]
 
 
 def parameter_kinds(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -282,564 +364,3 @@ def parameter_kinds(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         groups.setdefault(kind_of[id(p)], []).append(p)
     return groups
 
-
-# --------------------------------------------------------------------------- architectures
-
-
-def _check_stage(value: int, backbone: Backbone, key: str, low: int = 0) -> int:
-    if not low <= value <= backbone.num_stages:
-        raise ConfigError(
-            f"model.architecture.{key}: {value} is out of range; the backbone has "
-            f"{backbone.num_stages} stages, so use {low}..{backbone.num_stages}"
-        )
-    return value
-
-
-def towers_with_mixers(
-    backbone: Backbone, tasks: list[Task], split_at: int, mixer_after: dict[int, Mixer]
-) -> MultiTaskNet:
-    """Trunk of ``split_at`` stages, one tower per task above it, ``mixer_after[i]`` placed
-    after (1-based) stage i. The shared building routine of every tower architecture."""
-    shared, body, towers = _tower_body(backbone, tasks, split_at, mixer_after)
-    return _finish(MultiTaskNet(tasks, shared, body, backbone.shapes[-1]), towers, split_at)
-
-
-def _tower_body(
-    backbone: Backbone, tasks: list[Task], split_at: int, mixer_after: dict[int, Mixer]
-) -> tuple[list[nn.Module], list[nn.Module], list[list[nn.Module]]]:
-    shared = backbone.build()[:split_at]
-    towers = [backbone.build() for _ in tasks]
-    body: list[nn.Module] = []
-    for i in range(split_at, backbone.num_stages):
-        body.append(TaskParallel([tower[i] for tower in towers]))
-        if i + 1 in mixer_after:
-            mixer_after[i + 1].label = f"after stage {i + 1}"
-            body.append(mixer_after[i + 1])
-    return shared, body, towers
-
-
-def _finish(model: MultiTaskNet, towers: list[list[nn.Module]], split_at: int) -> MultiTaskNet:
-    """Record each task's tower stages (see :meth:`MultiTaskNet.tower_stages`)."""
-    model._tower_stages = [tower[split_at:] for tower in towers]
-    return model
-
-
-@dataclasses.dataclass
-class SingleOptions(ArchOptions):
-    """One independent network per task (towers from the input, no exchange)."""
-
-    name: str = "single"
-
-
-@ARCHITECTURES.register("single", SingleOptions)
-def build_single(options: SingleOptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
-    """Independent networks, one per task."""
-    return towers_with_mixers(backbone, tasks, 0, {})
-
-
-@dataclasses.dataclass
-class SplitOptions(ArchOptions):
-    """Hard sharing: stages 1..at shared, separate towers above (``split@k`` shorthand)."""
-
-    name: str = "split"
-    at: int = 0
-    """Number of shared stages: 0 = separate towers, number of stages = only heads separate."""
-
-
-@ARCHITECTURES.register("split", SplitOptions)
-def build_split(options: SplitOptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
-    """Shared trunk below stage ``at``, task towers above."""
-    return towers_with_mixers(backbone, tasks, _check_stage(options.at, backbone, "at"), {})
-
-
-@dataclasses.dataclass
-class EnsembleOptions(ArchOptions):
-    """Per task, ``members`` independent networks whose predictions are averaged."""
-
-    name: str = "ensemble"
-    members: int = 2
-
-    def __post_init__(self) -> None:
-        if self.members < 1:
-            raise ValueError(f"members must be at least 1, got {self.members}")
-
-
-@ARCHITECTURES.register("ensemble", EnsembleOptions)
-def build_ensemble(options: EnsembleOptions, backbone: Backbone, tasks: list[Task]) -> Ensemble:
-    """Ensemble of independent single-task networks (M x the parameters of ``single``)."""
-    return Ensemble([towers_with_mixers(backbone, tasks, 0, {}) for _ in range(options.members)])
-
-
-@dataclasses.dataclass
-class MixedTowersOptions(ArchOptions):
-    """Where the mixers of a tower architecture go (cross-stitch, NDDR, sluice)."""
-
-    split_at: int = 0
-    """Stages shared below the towers (0: towers from the input, as in the papers)."""
-    after: list[int] | None = None
-    """1-based stages after which a mixer is placed; ``null``: after every tower stage."""
-
-    def placement(self, backbone: Backbone) -> tuple[int, list[int]]:
-        """``(split_at, stages that get a mixer)``, both checked against the backbone."""
-        split_at = _check_stage(self.split_at, backbone, "split_at")
-        stages = self.after if self.after is not None else range(split_at + 1, backbone.num_stages + 1)
-        for stage in stages:
-            _check_stage(stage, backbone, "after", low=split_at + 1)
-        return split_at, sorted(set(stages))
-
-
-@dataclasses.dataclass
-class CrossStitchOptions(MixedTowersOptions):
-    """Cross-stitch units between task towers (Misra et al., CVPR 2016)."""
-
-    name: str = "cross_stitch"
-    granularity: Literal["channel", "layer"] = "channel"
-    alpha_same: float = 0.9
-    alpha_diff: float | None = None
-    """Initial cross-task weight; ``null``: (1 - alpha_same) / (K - 1), rows sum to one."""
-
-
-@ARCHITECTURES.register("cross_stitch", CrossStitchOptions)
-def build_cross_stitch(options: CrossStitchOptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
-    """Task towers exchanging features through cross-stitch units."""
-    split_at, stages = options.placement(backbone)
-    mixers = {
-        stage: CrossStitch(len(tasks), backbone.shapes[stage - 1][0], options.granularity,
-                           options.alpha_same, options.alpha_diff)
-        for stage in stages
-    }
-    return towers_with_mixers(backbone, tasks, split_at, mixers)
-
-
-# --------------------------------------------------------------------------- blocks that read several stages
-
-
-def _resize_to(x: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Resize feature ``x`` to the spatial size of ``shape`` (without batch).
-
-    To a flat target: global average pool. Smaller maps: adaptive average pooling (no
-    aliasing); larger ones: bilinear interpolation."""
-    if len(shape) == 1:
-        return x if x.ndim == 2 else x.mean((2, 3))
-    if x.ndim != 4:
-        raise ValueError(f"cannot resize flat features {tuple(x.shape)} to a feature map {shape}")
-    size = tuple(shape[1:])
-    if tuple(x.shape[2:]) == size:
-        return x
-    if x.shape[2] >= size[0] and x.shape[3] >= size[1]:
-        return nn.functional.adaptive_avg_pool2d(x, size)
-    return nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-class NDDRShortcut(nn.Module):
-    """NDDR-CNN-Shortcut (Gao et al. 2019, Fig. 2): for every task, its kept NDDR outputs are
-    resized to the last one's spatial size, concatenated along channels and reduced by that
-    task's own 1x1 conv (no bias) + BN + ReLU to ``width`` channels. One conv per task (a public
-    port shares a single conv between the tasks; this does not)."""
-
-    takes_kept = True
-
-    def __init__(self, num_tasks: int, shapes: list[tuple[int, ...]], width: int):
-        super().__init__()
-        self.shapes = [tuple(s) for s in shapes]
-        self.target = self.shapes[-1]
-        channels = sum(s[0] for s in self.shapes)
-        self.reduce = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-            for _ in range(num_tasks)
-        )
-        self.out_shape = (width, *self.target[1:])
-
-    def forward(self, xs: list[Tensor], kept: list[list[Tensor]]) -> list[Tensor]:
-        if len(kept) != len(self.shapes):
-            raise RuntimeError(f"NDDRShortcut expects {len(self.shapes)} kept outputs, got {len(kept)}")
-        ys = []
-        for t, reduce in enumerate(self.reduce):
-            cat = torch.cat([_resize_to(layer[t], self.target) for layer in kept], 1)
-            flat = cat.ndim == 2
-            y = reduce(cat[:, :, None, None] if flat else cat)
-            ys.append(y[:, :, 0, 0] if flat else y)
-        return ys
-
-    def task_modules(self, t: int) -> list[nn.Module]:
-        return [self.reduce[t]]
-
-
-class BetaMix(nn.Module):
-    """Sluice beta units adapted to CNNs: task t's head reads
-    ``concat_l(beta[t, l] * pool(h_t^l))`` over the kept layers l (maps globally average pooled;
-    the sluice paper's layers have one width, so it mixes by a weighted sum; with CNN stages of
-    different widths the weighted features are concatenated). ``beta`` starts at 1 (plain
-    concatenation). Parameters of kind ``fusion``."""
-
-    takes_kept = True
-    param_kind = "fusion"
-
-    def __init__(self, num_tasks: int, shapes: list[tuple[int, ...]]):
-        super().__init__()
-        self.beta = nn.Parameter(torch.ones(num_tasks, len(shapes)))
-        self.out_shape = (sum(s[0] for s in shapes),)
-
-    def forward(self, xs: list[Tensor], kept: list[list[Tensor]]) -> list[Tensor]:
-        return [
-            torch.cat([self.beta[t, l] * _resize_to(layer[t], (0,)) for l, layer in enumerate(kept)], 1)
-            for t in range(len(xs))
-        ]
-
-
-def _keep_stage_outputs(body: list[nn.Module], stages: list[int], first: int) -> list[int]:
-    """Mark the body blocks whose outputs are the features after (1-based) ``stages``: the mixer
-    after the stage when there is one, else the stage itself. Returns the stages, sorted."""
-    stage = first
-    marked = []
-    for i, block in enumerate(body):
-        if isinstance(block, TaskParallel):
-            stage += 1
-            nxt = body[i + 1] if i + 1 < len(body) else None
-            if stage in stages:
-                target = nxt if isinstance(nxt, Mixer) else block
-                target.keep_output = True
-                marked.append(stage)
-    return marked
-
-
-# --------------------------------------------------------------------------- cross-residual blocks
-
-
-def _basic_branch(block: nn.Module, x: Tensor) -> Tensor:
-    return block.conv2(block.relu(block.bn1(block.conv1(x))))
-
-
-def _bottleneck_branch(block: nn.Module, x: Tensor) -> Tensor:
-    out = block.relu(block.bn1(block.conv1(x)))
-    out = block.relu(block.bn2(block.conv2(out)))
-    return block.conv3(out)
-
-
-RESIDUAL_BLOCKS: dict[type, tuple[Any, str]] = {}
-"""Residual block types a cross-residual block can take apart: ``type -> (branch, last_bn)``,
-where ``branch(block, x)`` computes the residual branch F without its last BatchNorm, named
-``last_bn``. The block must have ``downsample`` (a module or None) and ``relu`` attributes and
-compute ``relu(last_bn(branch(x)) + (downsample or identity)(x))``."""
-
-
-def register_residual_block(cls: type, branch, last_bn: str) -> None:
-    """Teach :class:`CrossResidual` (and the ``xresnet`` architecture) a residual block type."""
-    RESIDUAL_BLOCKS[cls] = (branch, last_bn)
-
-
-def _register_torchvision_blocks() -> None:
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
-    register_residual_block(BasicBlock, _basic_branch, "bn2")
-    register_residual_block(Bottleneck, _bottleneck_branch, "bn3")
-
-
-_register_torchvision_blocks()
-
-
-def is_residual_block(module: nn.Module) -> bool:
-    return type(module) in RESIDUAL_BLOCKS
-
-
-class CrossResidual(nn.Module):
-    """K copies of one residual block (one per task) whose shortcuts are mixed:
-    ``y_t = post_t(F_t(x_t) + shortcut([P_1(x_1) .. P_K(x_K)])_t)``, ``P_s`` task s's projection
-    (downsample) or the identity, ``shortcut`` a :class:`~taskloom.mixers.CrossShortcut`
-    (``A[t][t] = I``; ``None``: no cross terms).
-
-    ``bn_after_add``: the block's last BatchNorm moves from the end of F to after the addition
-    (``post_t = ReLU(BN_t(.))``, one per task; X-ResNet does this at the branching point and in
-    the cross-residual blocks); otherwise ``post_t = ReLU`` and each block computes exactly what
-    it computes alone. The blocks are kept as they are (their own parameters, names, pretrained
-    weights); only the order of operations is changed.
-    """
-
-    def __init__(self, blocks: list[nn.Module], shortcut: Mixer | None = None, bn_after_add: bool = True):
-        super().__init__()
-        for b in blocks:
-            if not is_residual_block(b):
-                raise TypeError(f"{type(b).__name__} is not a registered residual block (register_residual_block)")
-        self.blocks = nn.ModuleList(blocks)
-        self.shortcut = shortcut
-        self.bn_after_add = bn_after_add
-
-    @property
-    def channels(self) -> int:
-        block = self.blocks[0]
-        return getattr(block, RESIDUAL_BLOCKS[type(block)][1]).num_features
-
-    def forward(self, xs: list[Tensor]) -> list[Tensor]:
-        branches, shortcuts = [], []
-        for block, x in zip(self.blocks, xs, strict=True):
-            branch, last_bn = RESIDUAL_BLOCKS[type(block)]
-            f = branch(block, x)
-            branches.append(f if self.bn_after_add else getattr(block, last_bn)(f))
-            shortcuts.append(block.downsample(x) if block.downsample is not None else x)
-        mixed = self.shortcut(shortcuts) if self.shortcut is not None else shortcuts
-        ys = []
-        for block, f, s in zip(self.blocks, branches, mixed):
-            y = f + s
-            if self.bn_after_add:
-                y = getattr(block, RESIDUAL_BLOCKS[type(block)][1])(y)
-            ys.append(torch.relu(y))
-        return ys
-
-    def extra_repr(self) -> str:
-        return f"bn_after_add={self.bn_after_add}"
-
-
-# --------------------------------------------------------------------------- NDDR, sluice, X-ResNet
-
-
-@dataclasses.dataclass
-class NDDROptions(MixedTowersOptions):
-    """NDDR layers between task towers (Gao et al., CVPR 2019). The paper also puts weight decay
-    on the 1x1 weights: set ``train.groups.fusion.weight_decay`` (the nddr configs do)."""
-
-    name: str = "nddr"
-    init: Literal["diagonal", "xavier"] = "diagonal"
-    alpha: float = 0.9
-    """Diagonal init: weight of the task's own features."""
-    beta: float | None = None
-    """Diagonal init: weight of each other task's features; ``null``: (1 - alpha) / (K - 1)."""
-    batch_norm: bool = True
-    activation: bool = True
-    """ReLU after the BN (the paper's layer); off only for analysis."""
-
-
-def _nddr_mixers(options: NDDROptions, backbone: Backbone, tasks: list[Task]) -> tuple[int, dict[int, Mixer]]:
-    split_at, stages = options.placement(backbone)
-    return split_at, {
-        stage: NDDR(len(tasks), backbone.shapes[stage - 1][0], options.init, options.alpha, options.beta,
-                    options.batch_norm, options.activation)
-        for stage in stages
-    }
-
-
-@ARCHITECTURES.register("nddr", NDDROptions)
-def build_nddr(options: NDDROptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
-    """Task towers fused by NDDR layers (1x1 conv over the concatenated tasks + BN + ReLU)."""
-    split_at, mixers = _nddr_mixers(options, backbone, tasks)
-    return towers_with_mixers(backbone, tasks, split_at, mixers)
-
-
-@dataclasses.dataclass
-class NDDRShortcutOptions(NDDROptions):
-    """NDDR-CNN-Shortcut: NDDR layers plus, per task, a shortcut from every NDDR output to the
-    head (resized to the last stage's size, concatenated, one 1x1 conv + BN + ReLU per task)."""
-
-    name: str = "nddr_shortcut"
-    width: int | None = None
-    """Channels of the per-task reduction before the head; ``null``: the last stage's channels."""
-
-
-@ARCHITECTURES.register("nddr_shortcut", NDDRShortcutOptions)
-def build_nddr_shortcut(options: NDDRShortcutOptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
-    """NDDR layers with shortcuts from every NDDR output to a per-task 1x1 reduction before the head."""
-    split_at, mixers = _nddr_mixers(options, backbone, tasks)
-    shared, body, towers = _tower_body(backbone, tasks, split_at, mixers)
-    kept = _keep_stage_outputs(body, sorted(set(mixers) | {backbone.num_stages}), split_at)
-    shapes = [backbone.shapes[s - 1] for s in kept]
-    if len(shapes[-1]) == 3 and any(len(s) == 1 for s in shapes):
-        raise ConfigError("model.architecture.after: the shortcut cannot resize flat (fully connected) "
-                          "features to the last stage's feature map; place NDDR layers after conv stages only")
-    width = options.width if options.width is not None else shapes[-1][0]
-    if width < 1:
-        raise ConfigError(f"model.architecture.width: must be positive, got {width}")
-    shortcut = NDDRShortcut(len(tasks), shapes, width)
-    body.append(shortcut)
-    return _finish(MultiTaskNet(tasks, shared, body, shortcut.out_shape), towers, split_at)
-
-
-@dataclasses.dataclass
-class SluiceOptions(MixedTowersOptions):
-    """Sluice networks (Ruder et al., AAAI 2019) on task towers."""
-
-    name: str = "sluice"
-    subspaces: int = 2
-    """S, subspaces per task (must divide every mixed stage's channels; NDDR's comparison used 2)."""
-    alpha_same: float = 0.9
-    alpha_diff: float | None = None
-    """Initial cross-task weight; ``null``: (1 - alpha_same) / (K - 1)."""
-    beta: bool = False
-    """Beta layer mixing: each head reads the beta-weighted, pooled outputs of every sluice
-    layer (and the last stage), concatenated."""
-    orthogonality: float = 0.0
-    """Weight of the subspace orthogonality penalty (0: off)."""
-
-
-@ARCHITECTURES.register("sluice", SluiceOptions)
-def build_sluice(options: SluiceOptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
-    """Task towers mixed per subspace by sluice units, optional beta layer mixing and orthogonality penalty."""
-    split_at, stages = options.placement(backbone)
-    if options.subspaces < 1:
-        raise ConfigError(f"model.architecture.subspaces: must be at least 1, got {options.subspaces}")
-    if options.orthogonality < 0:
-        raise ConfigError(f"model.architecture.orthogonality: must be >= 0, got {options.orthogonality}")
-    mixers = {}
-    for stage in stages:
-        channels = backbone.shapes[stage - 1][0]
-        if channels % options.subspaces:
-            raise ConfigError(f"model.architecture.subspaces: {options.subspaces} does not divide the "
-                              f"{channels} channels after stage {stage}")
-        mixers[stage] = Sluice(len(tasks), channels, options.subspaces, options.alpha_same, options.alpha_diff,
-                               options.orthogonality)
-    if not options.beta:
-        return towers_with_mixers(backbone, tasks, split_at, mixers)
-    shared, body, towers = _tower_body(backbone, tasks, split_at, mixers)
-    kept = _keep_stage_outputs(body, sorted(set(mixers) | {backbone.num_stages}), split_at)
-    mix = BetaMix(len(tasks), [backbone.shapes[s - 1] for s in kept])
-    body.append(mix)
-    return _finish(MultiTaskNet(tasks, shared, body, mix.out_shape), towers, split_at)
-
-
-@dataclasses.dataclass
-class XResNetOptions(ArchOptions):
-    """Cross-residual networks, X-ResNet (Jou & Chang, ACM MM 2016)."""
-
-    name: str = "xresnet"
-    split_at: int | None = None
-    """Stages shared below the branch point; ``null``: all but the last (the paper)."""
-    cross: Literal["zero", "identity", "scale", "conv1x1"] = "scale"
-    """Cross terms: zero (X0), identity (XI), scale (Xs, the paper's method), conv1x1."""
-    cross_blocks: int | None = None
-    """How many of the last residual blocks of the branches are cross-residual; ``null``: all
-    but the first (the paper: the last two of conv5_x's three)."""
-    bn_after_add: bool = True
-    """Move each branch block's last BN after the addition (one per task), as the paper does."""
-
-
-@ARCHITECTURES.register("xresnet", XResNetOptions)
-def build_xresnet(options: XResNetOptions, backbone: Backbone, tasks: list[Task]) -> MultiTaskNet:
-    """Shared trunk, per-task residual branches whose shortcuts mix the tasks (cross-residual)."""
-    from taskloom.mixers import CROSS_KINDS, CrossShortcut
-
-    if options.cross not in CROSS_KINDS:
-        raise ConfigError(f"model.architecture.cross: {options.cross!r} is not one of {', '.join(CROSS_KINDS)}")
-    split_at = options.split_at if options.split_at is not None else backbone.num_stages - 1
-    _check_stage(split_at, backbone, "split_at")
-    if split_at == backbone.num_stages:
-        raise ConfigError(f"model.architecture.split_at: {split_at} leaves no stage to branch; "
-                          f"use 0..{backbone.num_stages - 1}")
-    shared = backbone.build()[:split_at]
-    towers = [backbone.build() for _ in tasks]
-
-    def children(stage: nn.Module) -> list[nn.Module]:
-        return [stage] if is_residual_block(stage) else list(stage.children())
-
-    positions = [(i, j) for i in range(split_at, backbone.num_stages)
-                 for j, child in enumerate(children(towers[0][i])) if is_residual_block(child)]
-    if not positions:
-        raise ConfigError(
-            f"model.architecture: xresnet needs residual blocks in the branch (stages {split_at + 1}.."
-            f"{backbone.num_stages}) and backbone {backbone.options.name!r} has none there; use resnet_small, "
-            f"resnet18/34/50/101, or a smaller model.architecture.split_at"
-        )
-    count = options.cross_blocks if options.cross_blocks is not None else len(positions) - 1
-    if not 0 <= count <= len(positions):
-        raise ConfigError(f"model.architecture.cross_blocks: {count} is out of range; the branch has "
-                          f"{len(positions)} residual blocks")
-    cross_at = set(positions[len(positions) - count:]) if count else set()
-    body: list[nn.Module] = []
-    for i in range(split_at, backbone.num_stages):
-        pending: list[int] = []
-
-        def flush() -> None:
-            if pending:
-                body.append(TaskParallel([nn.Sequential(*[children(t[i])[j] for j in pending]) for t in towers]))
-                pending.clear()
-
-        for j, child in enumerate(children(towers[0][i])):
-            if not is_residual_block(child):
-                pending.append(j)
-                continue
-            flush()
-            block = CrossResidual([children(t[i])[j] for t in towers], None, options.bn_after_add)
-            if (i, j) in cross_at:
-                block.shortcut = CrossShortcut(len(tasks), block.channels, options.cross)
-                block.shortcut.label = f"stage {i + 1}, block {j + 1}"
-            body.append(block)
-        flush()
-    return _finish(MultiTaskNet(tasks, shared, body, backbone.shapes[-1]), towers, split_at)
-
-
-def build_model(
-    architecture: ArchOptions, backbone: BackboneOptions, tasks: list[Task], input_shape: tuple[int, ...]
-) -> nn.Module:
-    """Build the network an architecture and backbone config describe, for these tasks."""
-    if not tasks:
-        raise ConfigError("data.tasks: at least one task is needed")
-    try:
-        recipe = Backbone(backbone, input_shape)
-    except (ValueError, RuntimeError) as exc:
-        raise ConfigError(f"model.backbone: cannot build {backbone.name!r} for input {tuple(input_shape)}: {exc}") from None
-    return ARCHITECTURES[architecture.name].builder(architecture, recipe, tasks)
-
-
-# --------------------------------------------------------------------------- towers from single-task checkpoints
-
-
-def init_towers(model: nn.Module, towers: dict[str, str], tasks: list[Task], input_shape: tuple[int, ...],
-                log=lambda *a: None) -> None:
-    """Initialise task towers from trained networks (the papers' best practice): for every
-    ``task: path`` in ``towers`` (``init.towers``), the checkpoint at ``path`` (any taskloom
-    checkpoint with a config, typically a ``single`` run) is rebuilt and its tower of the same
-    task (or its only tower) is copied, stage by stage, into this model's tower, with the head
-    when it has the same shape. Shared trunk stages take the weights of the first listed task.
-    """
-    from taskloom import checkpoint, config as cfg
-    from taskloom.errors import CheckpointError
-
-    if not towers:
-        return
-    if not isinstance(model, MultiTaskNet):
-        raise ConfigError(f"init.towers: not supported for {type(model).__name__} models")
-    names = [t.name for t in tasks]
-    for task_name in towers:
-        if task_name not in names:
-            raise ConfigError(f"init.towers.{task_name}: unknown task; tasks are {', '.join(names)}")
-    trunk_done = False
-    for task_name, path in towers.items():
-        payload = checkpoint.load(path)
-        if payload.get("config") is None:
-            raise CheckpointError(f"init.towers.{task_name}: {path} was saved without a config")
-        source_cfg = cfg.from_dict(payload["config"], source=f"{path} (saved config)")
-        saved = payload.get("tasks") or []
-        source_tasks = [t for t in tasks if t.name in saved]
-        if len(source_tasks) != len(saved):
-            raise CheckpointError(f"init.towers.{task_name}: {path} has tasks {saved}, not all of which are "
-                                  f"tasks of this run ({', '.join(names)})")
-        source = build_model(source_cfg.model.architecture, source_cfg.model.backbone, source_tasks, input_shape)
-        if not isinstance(source, MultiTaskNet):
-            raise CheckpointError(f"init.towers.{task_name}: {path} is not a tower network")
-        try:
-            source.load_state_dict(payload["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"init.towers.{task_name}: {path} does not match its own config ({exc})") from None
-        s = saved.index(task_name) if task_name in saved else (0 if len(saved) == 1 else None)
-        if s is None:
-            raise CheckpointError(f"init.towers.{task_name}: {path} has no tower for {task_name!r} (tasks {saved})")
-        t = names.index(task_name)
-        src_stages, dst_stages = source.tower_stages(s), model.tower_stages(t)
-        if len(src_stages) != len(dst_stages):
-            raise CheckpointError(f"init.towers.{task_name}: {path} has {len(src_stages)} stages, this model "
-                                  f"{len(dst_stages)}")
-        start = 0 if not trunk_done else len(model.trunk)
-        for i in range(start, len(dst_stages)):
-            src_state, dst_state = src_stages[i].state_dict(), dst_stages[i].state_dict()
-            problem = next((f"{k}: checkpoint shape {tuple(src_state[k].shape)}, model shape {tuple(v.shape)}"
-                            for k, v in dst_state.items() if k in src_state and src_state[k].shape != v.shape), None)
-            if problem is None and set(src_state) != set(dst_state):
-                problem = f"different layers ({sorted(set(src_state) ^ set(dst_state))[:3]} ...)"
-            if problem:
-                raise CheckpointError(f"init.towers.{task_name}: stage {i + 1} of {path} does not fit this "
-                                      f"model's stage {i + 1}: {problem}")
-            dst_stages[i].load_state_dict(src_state)
-        trunk_done = True
-        head, src_head = model.heads[task_name], source.heads[saved[s]]
-        same = [p.shape for p in head.state_dict().values()] == [p.shape for p in src_head.state_dict().values()]
-        if same:
-            head.load_state_dict(src_head.state_dict())
-        log(f"init.towers.{task_name}: stages {start + 1}..{len(dst_stages)}" + (" and head" if same else "")
-            + f" from {path}")

@@ -17,9 +17,9 @@ continuous, still positive gradient, so the penalty is finite for any distance. 
 The mean over pairs makes ``lambda_w`` mean the same for any K (K = 2: exactly the paper's sum).
 
 Layers: "corresponding weights" are parameters with the same name in every task's copy of a
-tower stage (``model.tower_stages(t)``, or the towers of the ``TaskParallel`` blocks of
-``model.body``; shapes must match, they do: towers are copies of one backbone stage). Only *weights* (conv and linear kernels: parameters named ``weight`` with at
-least 2 dimensions) count by default; ``include_bias`` adds each layer's bias to the same term
+tower stage (``model.tower_stages(t)`` of a :class:`~taskloom.models.MultiTaskModel`; shapes
+must match, they do: towers are copies of one backbone stage). Only *weights* (conv and linear
+kernels: parameters named ``weight`` with at least 2 dimensions) count by default; ``include_bias`` adds each layer's bias to the same term
 (and the same a, b). Normalisation scales and heads are never included (heads are per task and
 differ in shape). Works with or without mixers (``single``, ``split@k``, ``cross_stitch``).
 """
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from taskloom.errors import ConfigError
+from taskloom.models import MultiTaskModel
 
 
 @dataclasses.dataclass
@@ -80,32 +81,18 @@ def _corresponding(name: str, towers: list[nn.Module], include_bias: bool, where
     return layers
 
 
-def tower_layers(model: nn.Module, include_bias: bool = False) -> list[tuple[str, list[nn.Module], list[str]]]:
+def tower_layers(model: MultiTaskModel, include_bias: bool = False) -> list[tuple[str, list[nn.Module], list[str]]]:
     """``(layer name, one module per tower, parameter names)`` for every corresponding layer.
 
-    Uses ``model.tower_stages(t)`` where the model has it (every tower architecture, cross-residual
-    blocks included; stages shared by all tasks, the trunk, are skipped), else the towers of
-    every ``TaskParallel`` block of ``model.body``.
+    The towers are ``model.tower_stages(t)`` (every tower architecture, cross-residual blocks
+    included); stages shared by all tasks (the trunk) are skipped.
     """
-    from taskloom.models import TaskParallel
-
-    tasks = getattr(model, "tasks", [])
-    if callable(getattr(model, "tower_stages", None)) and len(tasks) >= 2:
-        try:
-            stages = [model.tower_stages(t) for t in range(len(tasks))]
-        except (AttributeError, IndexError, TypeError):
-            stages = None
-        if stages is not None:
-            layers = []
-            for i, group in enumerate(zip(*stages)):
-                if all(m is group[0] for m in group):  # shared stage (trunk)
-                    continue
-                layers += _corresponding(f"stage{i + 1}", list(group), include_bias, f"stage {i + 1}")
-            return layers
+    stages = [model.tower_stages(t) for t in range(len(model.tasks))]
     layers = []
-    for b, block in enumerate(getattr(model, "body", [])):
-        if isinstance(block, TaskParallel) and len(block.towers) >= 2:
-            layers += _corresponding(f"body.{b}", list(block.towers), include_bias, f"body block {b}")
+    for i, group in enumerate(zip(*stages)):
+        if all(m is group[0] for m in group):  # shared stage (trunk), or a single task
+            continue
+        layers += _corresponding(f"stage{i + 1}", list(group), include_bias, f"stage {i + 1}")
     return layers
 
 
@@ -118,7 +105,7 @@ class TowerRegularizer(nn.Module):
 
     param_kind = "regularizer"
 
-    def __init__(self, model: nn.Module, options: RegularizerOptions):
+    def __init__(self, model: MultiTaskModel, options: RegularizerOptions):
         super().__init__()
         self.options = options
         layers = tower_layers(model, options.include_bias)
@@ -160,23 +147,16 @@ class TowerRegularizer(nn.Module):
         return {f"tower_{self.options.kind}": self()}
 
 
-def attach_regularizer(model: nn.Module, options: RegularizerOptions | None) -> TowerRegularizer | None:
-    """Register the regulariser as ``model.regularizer`` so that ``model.penalty()`` includes it.
+def attach_regularizer(model: MultiTaskModel, options: RegularizerOptions | None) -> TowerRegularizer | None:
+    """Build the regulariser of ``model``'s towers and register it as ``model.regularizer``.
 
-    If the model's ``penalty()`` does not already collect submodule penalties, it is wrapped
-    (on this instance only) to add them.
+    Nothing of the model is replaced: its ``penalty()`` collects the penalties of its submodules
+    (:class:`~taskloom.models.MultiTaskModel`), so from then on it includes the regulariser's
+    term, and the regulariser's own parameters (affine ``a``, ``b``) are in the model's
+    ``state_dict`` as ``regularizer.a`` / ``regularizer.b`` (checkpointed with the model).
     """
     if options is None:
         return None
     reg = TowerRegularizer(model, options)
     model.regularizer = reg
-    key = next(iter(reg.penalty()))
-    base = getattr(model, "penalty", None)
-    if base is None or key not in base():
-        original = base or (lambda: {})
-
-        def penalty() -> dict[str, Tensor]:
-            return {**original(), **reg.penalty()}
-
-        model.penalty = penalty
     return reg

@@ -15,17 +15,21 @@ Gal, Cipolla, CVPR 2018), ``dwa`` (Liu, Johns, Davison, CVPR 2019), ``gradnorm``
 Badrinarayanan, Lee, Rabinovich, ICML 2018), ``pcgrad`` (Yu, Kumar, Gupta, Levine, Hausman,
 Finn, NeurIPS 2020).
 
-Register a new one with ``WEIGHTINGS.register(name, OptionsClass)(builder)``; the builder gets
-``(options, task_names, static_weights)`` where ``static_weights`` are ``train.loss_weights``.
+Register a new one by decorating its class with ``@register_weighting(name, OptionsClass)``:
+it is then built as ``cls(task_names, static_weights, **options)`` (``static_weights`` are
+``train.loss_weights``; every option but ``name`` is a keyword argument of the constructor), and
+the first line of the options class's docstring describes it in the configs reference.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from taskloom.errors import ConfigError
+from taskloom.models import MultiTaskModel
 from taskloom.registry import Registry
 
 WEIGHTINGS: Registry[Weighting] = Registry("weighting")
@@ -42,6 +46,8 @@ class WeightingOptions:
 class Weighting(nn.Module):
     """Turns per-task losses into gradients. Parameters are of kind ``weighting``."""
 
+    options_class: ClassVar[type[WeightingOptions]]
+    """The options dataclass it was registered with (:func:`register_weighting`)."""
     param_kind = "weighting"
     loss_scale: float = 1.0
     """Set by the trainer under float16 mixed precision: every backward pass runs on the loss
@@ -52,12 +58,38 @@ class Weighting(nn.Module):
         self.task_names = list(task_names)
         self.static = {t: float(static_weights.get(t, 1.0)) for t in task_names}
 
-    def backward(self, losses: dict[str, Tensor], penalties: dict[str, Tensor], model: nn.Module) -> dict[str, float]:
+    def backward(self, losses: dict[str, Tensor], penalties: dict[str, Tensor],
+                 model: MultiTaskModel) -> dict[str, float]:
         """Run the backward pass of one batch; return the weight applied to each task."""
         raise NotImplementedError
 
     def epoch_end(self, train_losses: dict[str, float]) -> None:
         """Called after every epoch with the mean training loss of each task."""
+
+
+WeightingClass = TypeVar("WeightingClass", bound=type[Weighting])
+
+
+def register_weighting(name: str, options: type[WeightingOptions]) -> Callable[[WeightingClass], WeightingClass]:
+    """Class decorator: register a :class:`Weighting` subclass in ``WEIGHTINGS`` under ``name``.
+
+    ``train.weighting: {name: ..., **fields}`` validates against ``options`` (a
+    :class:`WeightingOptions` dataclass) and builds ``cls(task_names, static_weights, **fields)``.
+    The first line of ``options``' docstring is the entry's description in the configs reference.
+    """
+
+    def decorate(cls: WeightingClass) -> WeightingClass:
+        def build(chosen: WeightingOptions, task_names: list[str], static_weights: dict[str, float]) -> Weighting:
+            fields = {f.name: getattr(chosen, f.name) for f in dataclasses.fields(chosen) if f.name != "name"}
+            return cls(task_names, static_weights, **fields)
+
+        build.__doc__ = options.__doc__
+        build.__qualname__ = build.__name__ = f"build_{name}"
+        WEIGHTINGS.register(name, options)(build)
+        cls.options_class = options
+        return cls
+
+    return decorate
 
 
 def _penalty(penalties: dict[str, Tensor]) -> Tensor | float:
@@ -74,23 +106,18 @@ def _weighted_backward(weights: dict[str, Tensor | float], losses, penalties, sc
 
 @dataclasses.dataclass
 class FixedOptions(WeightingOptions):
-    """Fixed weights: ``sum_t w_t L_t`` with ``w_t`` from ``train.loss_weights`` (default 1)."""
+    """Fixed per-task weights (train.loss_weights; default 1 each)."""
 
     name: str = "fixed"
 
 
+@register_weighting("fixed", FixedOptions)
 class FixedWeighting(Weighting):
     """``L = sum_t w_t L_t + sum(penalties)``: the papers' (weighted) sum of task losses."""
 
     def backward(self, losses, penalties, model):
         _weighted_backward(self.static, losses, penalties, self.loss_scale)
         return dict(self.static)
-
-
-@WEIGHTINGS.register("fixed", FixedOptions)
-def build_fixed(options: FixedOptions, task_names: list[str], static_weights: dict[str, float]) -> Weighting:
-    """Fixed per-task weights (train.loss_weights; default 1 each)."""
-    return FixedWeighting(task_names, static_weights)
 
 
 # --------------------------------------------------------------------------- uncertainty
@@ -102,7 +129,9 @@ binary, ...) uses the softmax/Boltzmann (classification) form."""
 
 @dataclasses.dataclass
 class UncertaintyOptions(WeightingOptions):
-    """Homoscedastic uncertainty (Kendall, Gal, Cipolla, CVPR 2018); learned ``s_t = log sigma_t^2``."""
+    """Learned homoscedastic-uncertainty weights (Kendall et al., CVPR 2018).
+
+    One learned ``s_t = log sigma_t^2`` per task (Kendall, Gal, Cipolla, CVPR 2018)."""
 
     name: str = "uncertainty"
     init: float = 0.0
@@ -111,6 +140,7 @@ class UncertaintyOptions(WeightingOptions):
     """Per-task override of the form (default: from the task's kind, see REGRESSION_KINDS)."""
 
 
+@register_weighting("uncertainty", UncertaintyOptions)
 class UncertaintyWeighting(Weighting):
     """Kendall et al. (CVPR 2018), with ``s_t = log sigma_t^2`` learned per task:
 
@@ -124,13 +154,17 @@ class UncertaintyWeighting(Weighting):
 
     def __init__(self, task_names, static_weights, init: float = 0.0, forms: dict[str, str] | None = None):
         super().__init__(task_names, static_weights)
+        unknown = sorted(set(forms or {}) - set(task_names))
+        if unknown:
+            raise ConfigError(f"train.weighting.forms: unknown tasks {unknown}; tasks are {list(task_names)}")
         self.log_var = nn.Parameter(torch.full((len(task_names),), float(init)))
         self.forms = dict(forms or {})
         self._scale: dict[str, float] | None = None
 
-    def scales(self, model: nn.Module | None) -> dict[str, float]:
+    def scales(self, model: MultiTaskModel | None) -> dict[str, float]:
+        """``c_t`` of every task: 1/2 (regression form) or 1 (classification form)."""
         if self._scale is None:
-            kinds = {t.name: t.kind for t in getattr(model, "tasks", [])}
+            kinds = {t.name: t.kind for t in model.tasks} if model is not None else {}
             form = {t: self.forms.get(t, "regression" if kinds.get(t) in REGRESSION_KINDS else "classification")
                     for t in self.task_names}
             self._scale = {t: 0.5 if form[t] == "regression" else 1.0 for t in self.task_names}
@@ -149,27 +183,18 @@ class UncertaintyWeighting(Weighting):
         return used
 
 
-@WEIGHTINGS.register("uncertainty", UncertaintyOptions)
-def build_uncertainty(options: UncertaintyOptions, task_names, static_weights) -> Weighting:
-    """Learned homoscedastic-uncertainty weights (Kendall et al., CVPR 2018)."""
-    unknown = sorted(set(options.forms) - set(task_names))
-    if unknown:
-        from taskloom.errors import ConfigError
-        raise ConfigError(f"train.weighting.forms: unknown tasks {unknown}; tasks are {task_names}")
-    return UncertaintyWeighting(task_names, static_weights, options.init, options.forms)
-
-
 # --------------------------------------------------------------------------- dwa
 
 
 @dataclasses.dataclass
 class DWAOptions(WeightingOptions):
-    """Dynamic weight average (Liu, Johns, Davison, CVPR 2019)."""
+    """Dynamic weight average from the rate of loss decrease (Liu et al., CVPR 2019)."""
 
     name: str = "dwa"
     temperature: float = 2.0
 
 
+@register_weighting("dwa", DWAOptions)
 class DWAWeighting(Weighting):
     """Liu et al. (CVPR 2019): ``w_t(e) = K exp(r_t / T) / sum_s exp(r_s / T)`` with
     ``r_t = L_t(e-1) / L_t(e-2)`` (mean training loss of the previous two epochs), ``T = 2``;
@@ -201,71 +226,37 @@ class DWAWeighting(Weighting):
         return len(last) * torch.softmax(ratio / temperature, dim=0)
 
 
-@WEIGHTINGS.register("dwa", DWAOptions)
-def build_dwa(options: DWAOptions, task_names, static_weights) -> Weighting:
-    """Dynamic weight average from the rate of loss decrease (Liu et al., CVPR 2019)."""
-    return DWAWeighting(task_names, static_weights, options.temperature)
-
-
 # --------------------------------------------------------------------------- gradnorm
 
 
 @dataclasses.dataclass
 class GradNormOptions(WeightingOptions):
-    """Gradient normalisation (Chen et al., ICML 2018)."""
+    """Gradient normalisation on the last shared layer (Chen et al., ICML 2018)."""
 
     name: str = "gradnorm"
     alpha: float = 1.5
     """Asymmetry: larger pulls harder toward tasks that train slowly (0: equal gradient norms)."""
 
 
-def _own_params(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters(recurse=False) if p.requires_grad]
-
-
-def _last_layer(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters of the last conv/linear (a >= 2-d weight) in ``module``, else of its last
-    parameterised module (normalisation layers only count when there is nothing else)."""
-    layers = [_own_params(m) for m in module.modules() if _own_params(m)]
-    kernels = [ps for ps in layers if any(p.dim() >= 2 for p in ps)]
-    return (kernels or layers or [[]])[-1]
-
-
-def shared_layer(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters GradNorm measures gradient norms on ("the last shared layer").
+def shared_layer(model: MultiTaskModel) -> list[nn.Parameter]:
+    """The parameters GradNorm measures gradient norms on ("the last shared layer"): the
+    model's :meth:`~taskloom.models.MultiTaskModel.last_shared_layer`.
 
     * a non-empty shared trunk: the last conv/linear layer of ``model.trunk`` (the paper);
     * no trunk (towers from the input: ``single``, ``split@0``, ``cross_stitch``): the last
-      conv/linear layer of every task's first tower stage (``model.tower_stages(t)[0]``, or
-      the towers of the first ``TaskParallel`` block), all towers together. With
+      conv/linear layer of every task's first tower stage, all towers together. With
       cross-stitch units every task's loss reaches all of them (the nearest thing to a shared
       layer); with fully separate towers each task reaches only its own, so GradNorm then
       balances the towers' gradient magnitudes and has no shared weights to trade off;
-    * an ensemble: the union over members; anything else: the first parameterised module.
+    * an ensemble: the union over members.
     """
-    members = getattr(model, "members", None)
-    if members is not None:
-        return [p for m in members for p in shared_layer(m)]
-    trunk = getattr(model, "trunk", None)
-    if trunk is not None and _last_layer(trunk):
-        return _last_layer(trunk)
-    tasks = getattr(model, "tasks", [])
-    try:
-        firsts = [model.tower_stages(t)[0] for t in range(len(tasks)) if model.tower_stages(t)]
-    except (AttributeError, IndexError, TypeError):
-        firsts = []
-    if any(_last_layer(m) for m in firsts):
-        return [p for m in firsts for p in _last_layer(m)]
-    for block in getattr(model, "body", []):
-        towers = getattr(block, "towers", None)
-        if towers is not None and any(_last_layer(t) for t in towers):
-            return [p for t in towers for p in _last_layer(t)]
-    for m in model.modules():
-        if _own_params(m):
-            return _own_params(m)
-    raise ValueError("gradnorm: the model has no parameters")
+    layer = model.last_shared_layer()
+    if not layer:
+        raise ValueError("gradnorm: the model has no parameters")
+    return layer
 
 
+@register_weighting("gradnorm", GradNormOptions)
 class GradNormWeighting(Weighting):
     """Chen et al. (ICML 2018). Learned weights ``w_t`` (init 1), ``L = sum_t w_t L_t``.
 
@@ -313,18 +304,12 @@ class GradNormWeighting(Weighting):
         return grad
 
 
-@WEIGHTINGS.register("gradnorm", GradNormOptions)
-def build_gradnorm(options: GradNormOptions, task_names, static_weights) -> Weighting:
-    """Gradient normalisation on the last shared layer (Chen et al., ICML 2018)."""
-    return GradNormWeighting(task_names, static_weights, options.alpha)
-
-
 # --------------------------------------------------------------------------- pcgrad
 
 
 @dataclasses.dataclass
 class PCGradOptions(WeightingOptions):
-    """Projecting conflicting gradients (Yu et al., NeurIPS 2020)."""
+    """Projecting conflicting gradients on the shared parameters (Yu et al., NeurIPS 2020)."""
 
     name: str = "pcgrad"
     seed: int = 0
@@ -346,6 +331,7 @@ def pcgrad(grads: Tensor, orders: list[list[int]]) -> Tensor:
     return out.sum(0)
 
 
+@register_weighting("pcgrad", PCGradOptions)
 class PCGradWeighting(Weighting):
     """Yu et al. (NeurIPS 2020): per-task gradients ``g_t`` of ``w_t L_t`` on every parameter;
     on the *shared* parameters (those reached by more than one task's loss: a trunk, and every
@@ -393,11 +379,6 @@ class PCGradWeighting(Weighting):
         return dict(self.static)
 
 
-@WEIGHTINGS.register("pcgrad", PCGradOptions)
-def build_pcgrad(options: PCGradOptions, task_names, static_weights) -> Weighting:
-    """Projecting conflicting gradients on the shared parameters (Yu et al., NeurIPS 2020)."""
-    return PCGradWeighting(task_names, static_weights, options.seed)
-
-
 def build_weighting(options: WeightingOptions, task_names: list[str], static_weights: dict[str, float]) -> Weighting:
+    """The weighting ``train.weighting`` describes, for these tasks and static weights."""
     return WEIGHTINGS[options.name].builder(options, task_names, static_weights)

@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
+from taskloom.architectures import CrossStitchOptions, NDDROptions, SingleOptions, SluiceOptions, build_model
 from taskloom.backbones import LeNetOptions, SmallResNetOptions, TCDCNOptions
-from taskloom.models import (CrossStitchOptions, NDDROptions, SingleOptions, SluiceOptions, TaskParallel,
-                             build_model, configure_towers)
+from taskloom.models import TaskParallel, configure_towers
 from taskloom.tasks import ClassificationTask
 
 from helpers import DEVICE, assert_same_training_step

@@ -4,8 +4,9 @@ import copy
 import pytest
 import torch
 
+from taskloom.architectures import CrossStitchOptions, SingleOptions, build_model
 from taskloom.backbones import LeNetOptions, SmallResNetOptions
-from taskloom.models import CrossStitchOptions, SingleOptions, build_model, configure_towers
+from taskloom.models import configure_towers
 from taskloom.tasks import ClassificationTask
 
 from helpers import DEVICE, assert_same_training_step

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from taskloom import config as cfg
+from taskloom.architectures import CrossStitchOptions, SplitOptions
 from taskloom.errors import ConfigError
-from taskloom.models import CrossStitchOptions, SplitOptions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ SMALL = {"name": "resnet_small", "channels": [4, 8], "blocks": [1, 3], "stem_cha
 def _checkpoint(tmp_path, arch, backbone):
     """A checkpoint as the trainer writes it (config + weights), without training."""
     from taskloom import checkpoint, config as cfg
-    from taskloom.models import build_model
+    from taskloom.architectures import build_model
     from taskloom.tasks import ClassificationTask
 
     config = cfg.from_dict({"data": {"name": "multimnist", **TINY}, "model": {"backbone": backbone, "architecture": arch}})
@@ -43,9 +43,9 @@ def test_train_then_inspect_nddr(tmp_path, capsys):
 
 
 def test_inspect_numbers_and_xresnet_plots(tmp_path, capsys):
+    from taskloom.architectures import SingleOptions, build_model
+    from taskloom.experiment import load_run
     from taskloom.inspection import counts
-    from taskloom.models import SingleOptions, build_model
-    from taskloom.train import load_run
 
     ckpt = _checkpoint(tmp_path, {"name": "xresnet", "cross": "scale"}, SMALL)
     model, config, payload, data = load_run(ckpt)

@@ -79,9 +79,9 @@ def test_same_name_different_kind_is_an_error(tmp_path):
 
 
 def test_mix_trains_end_to_end(members, tmp_path):
+    from taskloom.architectures import SplitOptions, build_model
     from taskloom.backbones import LeNetOptions
     from taskloom.config import TrainConfig
-    from taskloom.models import SplitOptions, build_model
     from taskloom.train import fit
 
     data = build_data(MixOptions(members=list(members), channels=1, size=28, batch_size=8))  # LeNet needs >= 28
@@ -132,7 +132,7 @@ def test_evaluate_members_example(members, tmp_path, capsys):
     import runpy
 
     from taskloom.config import from_dict, to_dict
-    from taskloom.train import run
+    from taskloom.experiment import run
 
     a, b = members
     mix = {"name": "mix", "channels": 1, "size": 28, "batch_size": 8,

@@ -2,12 +2,11 @@ import pytest
 import torch
 from torch import nn
 
+from taskloom.architectures import CrossStitchOptions, EnsembleOptions, SingleOptions, SplitOptions, build_model
 from taskloom.backbones import Backbone, LeNetOptions, TCDCNOptions
 from taskloom.errors import ConfigError
 from taskloom.mixers import CrossStitch
-from taskloom.models import (
-    CrossStitchOptions, EnsembleOptions, SingleOptions, SplitOptions, build_model, parameter_kinds,
-)
+from taskloom.models import MultiTaskModel, MultiTaskNet, TaskParallel, parameter_kinds
 from taskloom.tasks import ClassificationTask
 
 from helpers import classification_tasks, copy_towers
@@ -115,9 +114,25 @@ def test_ensemble_trains_members_separately_and_combines_probabilities():
     assert torch.allclose(combined, expected, atol=1e-6)
 
 
+def test_networks_implement_the_model_contract():
+    ts = tasks(2)
+    net = build_model(SplitOptions(at=1), LeNetOptions(), ts, INPUT)
+    ensemble = build_model(EnsembleOptions(members=2), LeNetOptions(), ts, INPUT)
+    for model in (net, ensemble):
+        assert isinstance(model, MultiTaskModel), type(model).__name__
+        assert model.task_names == ["t0", "t1"] and model.penalty() == {}
+    assert net.last_shared_layer() == list(net.trunk[0][0].parameters())  # the trunk's conv
+    assert [id(p) for p in ensemble.last_shared_layer()] == \
+        [id(p) for m in ensemble.members for p in m.last_shared_layer()]
+    assert ensemble.tower_stages(0) == []  # no single tower per task
+    own = {id(m) for m in ensemble.task_modules(1)}
+    assert all(id(m) in own for member in ensemble.members for m in member.task_modules(1))
+
+
 # --------------------------------------------------------------------------- penalties, optimiser groups, tower init
 
-from taskloom.models import NDDROptions, SluiceOptions, XResNetOptions, init_towers  # noqa: E402
+from taskloom.architectures import NDDROptions, SluiceOptions, XResNetOptions  # noqa: E402
+from taskloom.experiment import init_towers  # noqa: E402
 
 
 def test_penalty_collects_every_submodule_penalty():
@@ -170,8 +185,8 @@ def test_fusion_learning_rate_multiplier_and_weight_decay_by_measured_updates(op
 
 def test_towers_start_from_single_task_checkpoints(tmp_path):
     from taskloom import checkpoint
-    from taskloom.config import Config, ModelConfig, to_dict
     from taskloom.backbones import SmallResNetOptions
+    from taskloom.config import Config, ModelConfig, to_dict
     from taskloom.errors import CheckpointError
 
     backbone = SmallResNetOptions(channels=[4, 8], blocks=[1, 2], stem_channels=4)

@@ -202,7 +202,7 @@ def test_configs_train_end_to_end_on_a_fixture(tmp_path, name):
     import json
 
     from taskloom import config as cfg
-    from taskloom.train import run
+    from taskloom.experiment import run
 
     root, _ = _fixture(tmp_path, train_lines=6, test_lines=3)
     config = cfg.load(f"configs/mtfl/{name}.yaml", [f"data.root={root}", "data.val_size=2", "train.epochs=1",

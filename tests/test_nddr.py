@@ -2,13 +2,12 @@
 import pytest
 import torch
 
+from taskloom.architectures import CrossStitchOptions, NDDROptions, NDDRShortcutOptions, SingleOptions, build_model
 from taskloom.backbones import Backbone, LeNetOptions, SmallResNetOptions
+from taskloom.blocks import NDDRShortcut
 from taskloom.errors import ConfigError
 from taskloom.mixers import NDDR
-from taskloom.models import (
-    CrossStitchOptions, NDDRShortcut, NDDROptions, NDDRShortcutOptions, SingleOptions, build_model,
-    parameter_kinds,
-)
+from taskloom.models import TaskParallel, parameter_kinds
 from taskloom.train import count_parameters as count
 
 from helpers import classification_tasks as tasks, copy_towers

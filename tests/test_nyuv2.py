@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from taskloom.architectures import ARCHITECTURES, build_model
 from taskloom.backbones import BACKBONES
 from taskloom.config import TrainConfig
 from taskloom.data import build_data
 from taskloom.data.nyuv2 import NYUv2Options
 from taskloom.errors import DataError
-from taskloom.models import ARCHITECTURES, build_model
+from taskloom.architectures import ARCHITECTURES, build_model
 from taskloom.dense import DepthTask, NormalsTask, SegmentationTask
 
 H, W = 24, 32

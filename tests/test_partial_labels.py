@@ -152,9 +152,9 @@ def toy_manifest(root, n=48, size=28, **kw):
 
 
 def test_drop_labels_option_trains(tmp_path):
+    from taskloom.architectures import SplitOptions, build_model
     from taskloom.backbones import LeNetOptions
     from taskloom.config import TrainConfig
-    from taskloom.models import SplitOptions, build_model
     from taskloom.train import fit
 
     options = toy_manifest(tmp_path / "data", batch_size=16,
@@ -221,10 +221,10 @@ def test_mtfl_with_70_percent_attribute_labels_removed_trains(tmp_path):
     """The issue-7 setting at toy scale: MTFL, 70% of the training images without attribute
     labels (seeded); one epoch runs, every loss stays finite, every task reports its count."""
     from tests.conftest import shared_path
+    from taskloom.architectures import SplitOptions, build_model
     from taskloom.backbones import TCDCNOptions
     from taskloom.config import TrainConfig
     from taskloom.data.mtfl import MTFLOptions
-    from taskloom.models import SplitOptions, build_model
     from taskloom.train import fit
 
     root = shared_path("mtfl")
@@ -263,9 +263,9 @@ def test_train_loss_is_the_mean_over_labelled_samples(tmp_path):
     # whatever the batches; weighting batch means by batch size (the old rule) does not.
     import json
 
+    from taskloom.architectures import SplitOptions, build_model
     from taskloom.backbones import LeNetOptions
     from taskloom.config import TrainConfig
-    from taskloom.models import SplitOptions, build_model
     from taskloom.train import _epoch_batches, fit
 
     options = toy_manifest(tmp_path / "data", batch_size=8,

@@ -3,9 +3,9 @@ float32 on the same data and seed (measured gap here: see the assertion message 
 import pytest
 import torch
 
+from taskloom.architectures import CrossStitchOptions, build_model
 from taskloom.backbones import LeNetOptions
 from taskloom.config import Config, TrainConfig
-from taskloom.models import CrossStitchOptions, build_model
 from taskloom.train import fit
 
 from helpers import tiny_multimnist

@@ -7,10 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from taskloom.architectures import (
+    CrossStitchOptions, EnsembleOptions, SingleOptions, SluiceOptions, SplitOptions, build_model,
+)
 from taskloom.backbones import LeNetOptions
 from taskloom.config import Config, ModelConfig, TrainConfig, load
 from taskloom.errors import ConfigError
-from taskloom.models import CrossStitchOptions, SingleOptions, SplitOptions, TaskParallel, build_model, parameter_kinds
+from taskloom.models import TaskParallel, parameter_kinds
 from taskloom.regularizers import RegularizerOptions, TowerRegularizer, attach_regularizer, safe_expm1
 from taskloom.train import build_optimizer, fit
 
@@ -21,7 +24,8 @@ KINDS = ["l2", "exp", "affine_exp"]
 
 
 class Towers(nn.Module):
-    """Two (or K) tiny towers in one TaskParallel block, like MultiTaskNet.body."""
+    """Two (or K) tiny towers in one TaskParallel block, like MultiTaskNet.body; each tower is
+    one stage (the part of the MultiTaskModel contract the regulariser uses: tasks, tower_stages)."""
 
     def __init__(self, k=2, same=True):
         super().__init__()
@@ -29,13 +33,17 @@ class Towers(nn.Module):
         towers = [copy.deepcopy(first) if same else nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
                   for _ in range(k)]
         self.body = nn.ModuleList([TaskParallel(towers)])
+        self.tasks = [f"t{i}" for i in range(k)]
+
+    def tower_stages(self, t):
+        return [self.body[0].towers[t]]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_zero_for_identical_towers_positive_otherwise(kind):
     model = Towers(same=True)
     reg = TowerRegularizer(model, RegularizerOptions(kind=kind))
-    assert reg.layer_names == ["body.0.0", "body.0.2"]
+    assert reg.layer_names == ["stage1.0", "stage1.2"]
     assert reg().item() == 0.0
     with torch.no_grad():
         model.body[0].towers[1][2].weight.add_(0.1)
@@ -128,6 +136,24 @@ def test_attached_to_real_models_with_or_without_mixers(arch, data):
     groups = {g["name"]: g for g in build_optimizer(model, TrainConfig()).param_groups}
     assert groups["regularizer"]["weight_decay"] == 0.0
     assert "regularizer.a" in model.state_dict()
+    assert "penalty" not in vars(model)  # the model's own penalty() collects it: nothing replaced
+
+
+def test_the_regularizer_is_one_more_penalty_term(data):
+    model = build_model(SluiceOptions(orthogonality=0.5), LENET, data.tasks, INPUT)
+    model(torch.randn(2, *INPUT))  # the orthogonality penalty is of the last forward's features
+    before = model.penalty()
+    reg = attach_regularizer(model, RegularizerOptions(kind="l2"))
+    after = model.penalty()
+    assert set(after) == {"sluice_orthogonality", "tower_l2"}
+    assert torch.equal(after["sluice_orthogonality"], before["sluice_orthogonality"])
+    assert torch.equal(after["tower_l2"], reg())
+
+
+def test_an_ensemble_has_no_towers_to_regularise(data):
+    model = build_model(EnsembleOptions(members=2), LENET, data.tasks, INPUT)
+    with pytest.raises(ConfigError, match="no task towers"):
+        attach_regularizer(model, RegularizerOptions())
 
 
 def test_no_towers_is_a_clear_error(data):

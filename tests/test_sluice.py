@@ -3,10 +3,12 @@ orthogonality penalty reaches the trainer through MultiTaskNet.penalty()."""
 import pytest
 import torch
 
+from taskloom.architectures import CrossStitchOptions, SingleOptions, SluiceOptions, build_model
 from taskloom.backbones import LeNetOptions
+from taskloom.blocks import BetaMix
 from taskloom.errors import ConfigError
 from taskloom.mixers import Sluice
-from taskloom.models import BetaMix, CrossStitchOptions, SingleOptions, SluiceOptions, build_model
+from taskloom.models import TaskParallel
 
 from helpers import classification_tasks as tasks, copy_towers
 

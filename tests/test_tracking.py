@@ -5,12 +5,12 @@ import builtins
 
 import pytest
 
+from taskloom.architectures import CrossStitchOptions, build_model
 from taskloom.backbones import LeNetOptions
 from taskloom.config import TrainConfig
-from taskloom.errors import ConfigError
-from taskloom.models import CrossStitchOptions, build_model
-from taskloom.train import fit
 from taskloom.data import build_data
+from taskloom.errors import ConfigError
+from taskloom.train import fit
 from tests.test_partial_labels import toy_manifest
 
 

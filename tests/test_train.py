@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from taskloom import checkpoint
+from taskloom.architectures import CrossStitchOptions, build_model
 from taskloom.backbones import LeNetOptions
 from taskloom.config import Config, GroupOptions, ParamGroups, ScheduleOptions, TrainConfig
 from taskloom.errors import CheckpointError, ConfigError
-from taskloom.models import CrossStitchOptions, build_model, parameter_kinds
+from taskloom.models import parameter_kinds
 from taskloom.train import Interrupted, TrainingError, build_optimizer, build_scheduler, fit, schedule_factor
 
 from helpers import InterruptAt, tiny_multimnist

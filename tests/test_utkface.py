@@ -118,8 +118,8 @@ def test_missing_or_empty_root(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["single", "cross_stitch", "nddr"])
 def test_configs_train_end_to_end_on_a_fixture(tmp_path, name):
     from taskloom import config as cfg
-    from taskloom.models import ARCHITECTURES
-    from taskloom.train import run
+    from taskloom.architectures import ARCHITECTURES
+    from taskloom.experiment import run
 
     config_file = f"configs/utkface/{name}.yaml"
     if name == "nddr" and "nddr" not in ARCHITECTURES:

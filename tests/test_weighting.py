@@ -1,4 +1,5 @@
 """Loss weightings: formulas on hand-made losses/gradients, then a short real fit with each."""
+import dataclasses
 import json
 import math
 
@@ -7,13 +8,16 @@ import torch
 from torch import nn
 
 from taskloom import checkpoint
+from taskloom.architectures import CrossStitchOptions, SplitOptions, build_model
 from taskloom.backbones import LeNetOptions
 from taskloom.config import Config, TrainConfig, load
-from taskloom.models import CrossStitchOptions, SplitOptions, build_model
+from taskloom.errors import ConfigError
+from taskloom.models import last_layer
 from taskloom.train import Interrupted, fit
 from taskloom.weighting import (
-    WEIGHTINGS, DWAOptions, DWAWeighting, FixedOptions, GradNormOptions, GradNormWeighting, PCGradOptions,
-    PCGradWeighting, UncertaintyOptions, Weighting, WeightingOptions, build_weighting, pcgrad, shared_layer,
+    WEIGHTINGS, DWAOptions, DWAWeighting, FixedOptions, FixedWeighting, GradNormOptions, GradNormWeighting,
+    PCGradOptions, PCGradWeighting, UncertaintyOptions, UncertaintyWeighting, Weighting, WeightingOptions,
+    build_weighting, pcgrad, register_weighting, shared_layer,
 )
 
 from helpers import InterruptAt, tiny_multimnist
@@ -28,7 +32,8 @@ class _Task:
 
 
 class TwoHeads(nn.Module):
-    """A shared linear layer (trunk) and one linear head per task; plus a penalty-only parameter."""
+    """A shared linear layer (trunk) and one linear head per task; plus a penalty-only parameter.
+    (The parts of the MultiTaskModel contract the weightings use: tasks, last_shared_layer.)"""
 
     def __init__(self, kinds=("classification", "classification")):
         super().__init__()
@@ -36,6 +41,9 @@ class TwoHeads(nn.Module):
         self.trunk = nn.Sequential(nn.Linear(3, 4))
         self.heads = nn.ModuleList([nn.Linear(4, 1) for _ in kinds])
         self.extra = nn.Parameter(torch.tensor(2.0))
+
+    def last_shared_layer(self):
+        return last_layer(self.trunk)
 
     def losses(self, x):
         h = torch.tanh(self.trunk(x))
@@ -48,6 +56,37 @@ def _grads(model):
 
 def test_registry_has_every_method():
     assert set(WEIGHTINGS.names()) >= {"fixed", "uncertainty", "dwa", "gradnorm", "pcgrad"}
+    for cls in (FixedWeighting, UncertaintyWeighting, DWAWeighting, GradNormWeighting, PCGradWeighting):
+        assert WEIGHTINGS[cls.options_class().name].options is cls.options_class
+
+
+def test_a_registered_class_is_built_with_its_options_as_keywords():
+    @dataclasses.dataclass
+    class ScaledOptions(WeightingOptions):
+        """Every task at one weight (a test entry).
+
+        More detail that the configs reference leaves out."""
+
+        name: str = "scaled_test"
+        factor: float = 0.5
+
+    @register_weighting("scaled_test", ScaledOptions)
+    class Scaled(FixedWeighting):
+        def __init__(self, task_names, static_weights, factor: float = 0.5):
+            super().__init__(task_names, {t: factor for t in task_names})
+
+    try:
+        weighting = build_weighting(ScaledOptions(factor=0.25), ["a", "b"], {})
+        assert type(weighting) is Scaled and weighting.static == {"a": 0.25, "b": 0.25}
+        assert WEIGHTINGS["scaled_test"].doc == "Every task at one weight (a test entry)."
+        assert Scaled.options_class is ScaledOptions
+    finally:
+        WEIGHTINGS._entries.pop("scaled_test")  # keep the registry as the other tests expect it
+
+
+def test_uncertainty_forms_must_name_tasks():
+    with pytest.raises(ConfigError, match="train.weighting.forms: unknown tasks"):
+        build_weighting(UncertaintyOptions(forms={"t9": "regression"}), ["t0", "t1"], {})
     cfg = load(None, ["train.weighting.name=gradnorm", "train.weighting.alpha=0.5"])
     assert isinstance(cfg.train.weighting, GradNormOptions) and cfg.train.weighting.alpha == 0.5
     assert isinstance(load(None, ["train.weighting=pcgrad"]).train.weighting, PCGradOptions)

@@ -6,10 +6,12 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from taskloom import config as cfg
+from taskloom.architectures import SplitOptions, XResNetOptions, build_model
 from taskloom.backbones import ResNet18Options, ResNet50Options, SmallResNetOptions, LeNetOptions
+from taskloom.blocks import CrossResidual
 from taskloom.errors import ConfigError
 from taskloom.mixers import CrossShortcut
-from taskloom.models import CrossResidual, SplitOptions, XResNetOptions, build_model, parameter_kinds
+from taskloom.models import parameter_kinds
 from taskloom.train import count_parameters as count
 
 from helpers import classification_tasks as tasks
