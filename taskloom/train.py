@@ -4,7 +4,8 @@
 their own learning-rate multiplier and weight decay, an epoch-wise schedule that scales every
 group by the same factor (so multipliers survive), per-task loss weights, model selection on the
 validation split, an atomic checkpoint every epoch and exact resume (same final weights on CPU
-as an uninterrupted run, also after an interrupt in the middle of an epoch).
+as an uninterrupted run, also after an interrupt in the middle of an epoch). Parameter groups,
+schedules and mixed precision are in :mod:`taskloom.optim`.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from taskloom import checkpoint, distributed
-from taskloom.config import Config, ScheduleOptions, TrainConfig, diff, dump, to_dict
+from taskloom.config import Config, TrainConfig, diff, dump, to_dict
 from taskloom.data import DataBundle
 from taskloom.errors import ConfigError, TaskloomError
-from taskloom.models import parameter_kinds
+from taskloom.optim import Precision, build_optimizer, build_scheduler, step_scheduler
+from taskloom.optim import schedule_factor  # noqa: F401  (part of this module's API)
 from taskloom.tasks import Task, primary_score
 from taskloom.weighting import build_weighting
 
@@ -55,55 +57,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("train.device: 'mps' requested but MPS is not available (use auto or cpu)")
     return torch.device(name)
-
-
-# --------------------------------------------------------------------------- optimisation
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> torch.optim.Optimizer:
-    """One parameter group per kind, ``lr = cfg.lr * lr_mult`` and its own weight decay.
-
-    ``extra`` modules (the loss weighting) contribute their parameters by kind as well.
-    """
-    groups = []
-    kinds = parameter_kinds(model)
-    for module in extra:
-        for kind, params in parameter_kinds(module).items():
-            kinds.setdefault(kind, []).extend(params)
-    for kind, params in kinds.items():
-        options = getattr(cfg.groups, kind, None)
-        if options is None:
-            raise ConfigError(f"train.groups: no settings for parameter kind {kind!r}")
-        decay = cfg.weight_decay if options.weight_decay is None else options.weight_decay
-        groups.append({"params": params, "name": kind, "lr": cfg.lr * options.lr_mult,
-                       "lr_mult": options.lr_mult, "weight_decay": decay})
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.Adam(groups, lr=cfg.lr)
-
-
-def schedule_factor(options: ScheduleOptions, epoch: int, epochs: int) -> float:
-    """Multiplier of every group's base learning rate at (0-based) ``epoch``."""
-    if options.name == "step":
-        return options.gamma ** (epoch // options.step_size)
-    if options.name == "poly":
-        return max(0.0, 1.0 - epoch / epochs) ** options.power
-    if options.name == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, options: ScheduleOptions, epochs: int):
-    """An epoch-wise scheduler that multiplies every group's rate by one common factor.
-
-    ``LambdaLR`` scales each group's own initial rate, and ``ReduceLROnPlateau`` multiplies
-    each group's current rate, so the ratio between groups (the fusion multiplier) is kept.
-    """
-    if options.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=options.gamma, patience=options.patience
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule_factor(options, e, epochs))
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -162,36 +115,6 @@ def evaluate(
             {m: float("nan") for m in t.higher_is_better}
         results[t.name]["count"] = counts[t.name]
     return results, {n: v / max(counts[n], 1) for n, v in zip(names, totals)}
-
-
-class Precision:
-    """``train.precision``: 32 (float32), ``bf16`` (bfloat16 autocast) or ``16-mixed`` (float16
-    autocast with dynamic loss scaling). Parameters, mixers' included, stay float32: autocast
-    only changes the dtype ops compute in."""
-
-    def __init__(self, mode: Any, device: torch.device):
-        self.mode, self.device = mode, device
-        self.dtype = {"bf16": torch.bfloat16, "16-mixed": torch.float16}.get(mode)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=mode == "16-mixed")
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def backward(self, weighting: Any, losses: dict, penalties: dict, model: nn.Module) -> dict[str, float]:
-        if self.scaler.is_enabled():  # scale() (re)initialises the scaler's state for this step
-            weighting.loss_scale = self.scaler.scale(torch.ones((), device=self.device))
-        else:
-            weighting.loss_scale = 1.0
-        return weighting.backward(losses, penalties, model)
-
-    def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, grad_clip: float | None) -> None:
-        if grad_clip is not None:
-            self.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        self.scaler.step(optimizer)
-        self.scaler.update()
 
 
 def selection_score(select: str, tasks: list[Task], metrics: dict, losses: dict, weights: dict) -> float:
@@ -441,10 +364,7 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
             val, val_loss = evaluate_split(data.val)
             score = selection_score(train.select, tasks, val, val_loss, weights)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(score)
-            else:
-                scheduler.step()
+            step_scheduler(scheduler, score)
             train_loss = _mean_over_ranks(ctx, partial["loss_sum"], partial.get("labelled", partial["count"]))
             weighting.epoch_end(train_loss)
             state["seconds"] += time.perf_counter() - started
