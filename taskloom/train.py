@@ -12,12 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from taskloom import checkpoint, distributed
 from taskloom.config import Config, TrainConfig, diff, dump, to_dict
 from taskloom.data import DataBundle
+from taskloom.distributed import resolve_device
 from taskloom.errors import ConfigError, TaskloomError
 from taskloom.optim import Precision, build_optimizer, build_scheduler, step_scheduler
 from taskloom.optim import schedule_factor  # noqa: F401  (part of this module's API)
@@ -43,20 +42,6 @@ class TrainingError(TaskloomError):
 
 class Interrupted(TaskloomError):
     """SIGINT/SIGTERM received; the state was saved and the run can be resumed."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device: 'mps' requested but MPS is not available (use auto or cpu)")
-    return torch.device(name)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -140,30 +125,6 @@ def check_select(select: str, tasks: list[Task]) -> None:
 
 
 # --------------------------------------------------------------------------- training
-
-
-@contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-    """Turn SIGINT/SIGTERM into a flag checked after every step (main thread only)."""
-    received: list[int] = []
-    if not hasattr(signal, "SIGTERM") or __import__("threading").current_thread() is not __import__("threading").main_thread():
-        yield received
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: Any) -> None:
-        if received:  # a second signal: stop now
-            signal.signal(signum, previous[signum])
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -310,7 +271,7 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
 
     show = train.progress and sys.stderr.isatty() and ctx.is_main
     # closing(): the TensorBoard files are flushed and closed on an interrupt or error too
-    with _stop_requests() as stop, (contextlib.closing(writer) if writer is not None else contextlib.nullcontext()):
+    with distributed.stop_requests() as stop, (contextlib.closing(writer) if writer is not None else contextlib.nullcontext()):
         while state["epoch"] < train.epochs:
             epoch = state["epoch"]
             started = time.perf_counter()
@@ -365,7 +326,7 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
             score = selection_score(train.select, tasks, val, val_loss, weights)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             step_scheduler(scheduler, score)
-            train_loss = _mean_over_ranks(ctx, partial["loss_sum"], partial.get("labelled", partial["count"]))
+            train_loss = ctx.mean(partial["loss_sum"], partial.get("labelled", partial["count"]))
             weighting.epoch_end(train_loss)
             state["seconds"] += time.perf_counter() - started
             improved = score > state["best_score"]
@@ -373,8 +334,8 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
             if improved:
                 state.update(best_score=score, best_epoch=epoch + 1)
             record = {"epoch": epoch + 1, "lr": lrs, "train_loss": train_loss,
-                      "task_weights": _mean_over_ranks(ctx, partial["weight_sum"], partial["count"]),
-                      "penalty": _mean_over_ranks(ctx, partial["penalty_sum"], partial["count"]),
+                      "task_weights": ctx.mean(partial["weight_sum"], partial["count"]),
+                      "penalty": ctx.mean(partial["penalty_sum"], partial["count"]),
                       "val_loss": val_loss, "val": val, "score": score, "seconds": round(state["seconds"], 3)}
             if ctx.is_main:
                 with open(metrics_path, "a", encoding="utf-8") as f:
@@ -406,15 +367,6 @@ def task_info(tasks: list[Task]) -> dict[str, dict[str, Any]]:
     """Kind, primary metric and metric directions of each task (for delta_m in reports)."""
     return {t.name: {"kind": t.kind, "primary": t.primary, "higher_is_better": dict(t.higher_is_better)}
             for t in tasks}
-
-
-def _mean_over_ranks(ctx: distributed.Context, sums: dict[str, float],
-                    count: int | dict[str, int]) -> dict[str, float]:
-    """Per-key means over all ranks: ``sums[k] / count`` (or ``/ count[k]``, per-key counts)."""
-    names = sorted(sums)
-    counts = [float(count[n] if isinstance(count, dict) else count) for n in names]
-    totals = ctx.sum([sums[n] for n in names] + counts)
-    return {n: s / max(c, 1.0) for n, s, c in zip(names, totals[:len(names)], totals[len(names):])}
 
 
 def _empty_partial() -> dict[str, Any]:
