@@ -45,7 +45,7 @@ def _main(args: argparse.Namespace) -> int:
     elif args.overrides:
         raise ConfigError(f"inspect: KEY=VALUE overrides ({args.overrides[0]}) apply to a YAML config, not a checkpoint")
     else:
-        from taskloom.train import load_run
+        from taskloom.experiment import load_run
 
         model, config, payload, data = load_run(args.checkpoint, args.data_root)
     print(inspection_text(model, config, data.tasks, data.input_shape, source=args.checkpoint, payload=payload))

@@ -13,7 +13,22 @@ from typing import Any
 
 from torch import nn
 
+from taskloom.callbacks import Callback, Loop
 from taskloom.errors import ConfigError
+
+
+class TensorBoard(Callback):
+    """Writes every epoch's ``metrics.jsonl`` record (and the mixers' weights) as TensorBoard
+    events; the files are flushed and closed when training ends, also by an interrupt or error."""
+
+    def __init__(self, run_dir: str | Path):
+        self.writer = open_writer(run_dir)
+
+    def on_epoch_end(self, loop: Loop, record: dict[str, Any]) -> None:
+        log_epoch(self.writer, record, loop.model)
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def open_writer(run_dir: str | Path):

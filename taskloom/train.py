@@ -1,38 +1,37 @@
-"""The trainer shared by the CLI and the Python API.
+"""The trainer shared by the CLI and the Python API, in the shape of torchvision's reference
+scripts: :func:`train_one_epoch` makes one pass over the training batches, :func:`evaluate`
+measures a split, and :func:`fit` alternates them for ``train.epochs`` epochs.
 
-:func:`fit` trains a multi-task model: per-kind parameter groups (backbone / fusion / head) with
-their own learning-rate multiplier and weight decay, an epoch-wise schedule that scales every
-group by the same factor (so multipliers survive), per-task loss weights, model selection on the
-validation split, an atomic checkpoint every epoch and exact resume (same final weights on CPU
-as an uninterrupted run, also after an interrupt in the middle of an epoch).
+The loop's side effects are callbacks (:mod:`taskloom.callbacks`): ``metrics.jsonl``, TensorBoard,
+the progress bar, and an atomic checkpoint every epoch for exact resume (the same final weights
+on CPU as an uninterrupted run, also after an interrupt in the middle of an epoch). Parameter
+groups, schedules and mixed precision are in :mod:`taskloom.optim`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import signal
+import functools
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from taskloom import checkpoint, distributed
-from taskloom.config import Config, ScheduleOptions, TrainConfig, diff, dump, to_dict
+from taskloom.callbacks import RESUME_SAFE_KEYS  # noqa: F401  (part of this module's API)
+from taskloom.callbacks import Callback, Checkpointer, Loop, MetricsLog, ProgressBar, empty_partial, restore
+from taskloom.config import Config, TrainConfig, to_dict
 from taskloom.data import DataBundle
+from taskloom.distributed import resolve_device
 from taskloom.errors import ConfigError, TaskloomError
-from taskloom.models import parameter_kinds
+from taskloom.optim import Precision, build_optimizer, build_scheduler, step_scheduler
+from taskloom.optim import schedule_factor  # noqa: F401  (part of this module's API)
+from taskloom.rundir import RunDir
 from taskloom.tasks import Task, primary_score
 from taskloom.weighting import build_weighting
-
-# Keys that may differ between a run and its resumption without changing the result.
-RESUME_SAFE_KEYS = {"train.device", "train.progress", "train.threads", "train.tensorboard", "data.num_workers", "data.root",
-                    "data.eval_batch_size"}
 
 
 class TrainingError(TaskloomError):
@@ -43,67 +42,9 @@ class Interrupted(TaskloomError):
     """SIGINT/SIGTERM received; the state was saved and the run can be resumed."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available (use auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device: 'mps' requested but MPS is not available (use auto or cpu)")
-    return torch.device(name)
-
-
-# --------------------------------------------------------------------------- optimisation
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> torch.optim.Optimizer:
-    """One parameter group per kind, ``lr = cfg.lr * lr_mult`` and its own weight decay.
-
-    ``extra`` modules (the loss weighting) contribute their parameters by kind as well.
-    """
-    groups = []
-    kinds = parameter_kinds(model)
-    for module in extra:
-        for kind, params in parameter_kinds(module).items():
-            kinds.setdefault(kind, []).extend(params)
-    for kind, params in kinds.items():
-        options = getattr(cfg.groups, kind, None)
-        if options is None:
-            raise ConfigError(f"train.groups: no settings for parameter kind {kind!r}")
-        decay = cfg.weight_decay if options.weight_decay is None else options.weight_decay
-        groups.append({"params": params, "name": kind, "lr": cfg.lr * options.lr_mult,
-                       "lr_mult": options.lr_mult, "weight_decay": decay})
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.Adam(groups, lr=cfg.lr)
-
-
-def schedule_factor(options: ScheduleOptions, epoch: int, epochs: int) -> float:
-    """Multiplier of every group's base learning rate at (0-based) ``epoch``."""
-    if options.name == "step":
-        return options.gamma ** (epoch // options.step_size)
-    if options.name == "poly":
-        return max(0.0, 1.0 - epoch / epochs) ** options.power
-    if options.name == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
-    return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, options: ScheduleOptions, epochs: int):
-    """An epoch-wise scheduler that multiplies every group's rate by one common factor.
-
-    ``LambdaLR`` scales each group's own initial rate, and ``ReduceLROnPlateau`` multiplies
-    each group's current rate, so the ratio between groups (the fusion multiplier) is kept.
-    """
-    if options.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=options.gamma, patience=options.patience
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: schedule_factor(options, e, epochs))
+def count_parameters(model: nn.Module) -> int:
+    """The number of scalars in ``model``'s parameters."""
+    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -164,36 +105,6 @@ def evaluate(
     return results, {n: v / max(counts[n], 1) for n, v in zip(names, totals)}
 
 
-class Precision:
-    """``train.precision``: 32 (float32), ``bf16`` (bfloat16 autocast) or ``16-mixed`` (float16
-    autocast with dynamic loss scaling). Parameters, mixers' included, stay float32: autocast
-    only changes the dtype ops compute in."""
-
-    def __init__(self, mode: Any, device: torch.device):
-        self.mode, self.device = mode, device
-        self.dtype = {"bf16": torch.bfloat16, "16-mixed": torch.float16}.get(mode)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=mode == "16-mixed")
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
-
-    def backward(self, weighting: Any, losses: dict, penalties: dict, model: nn.Module) -> dict[str, float]:
-        if self.scaler.is_enabled():  # scale() (re)initialises the scaler's state for this step
-            weighting.loss_scale = self.scaler.scale(torch.ones((), device=self.device))
-        else:
-            weighting.loss_scale = 1.0
-        return weighting.backward(losses, penalties, model)
-
-    def step(self, optimizer: torch.optim.Optimizer, model: nn.Module, grad_clip: float | None) -> None:
-        if grad_clip is not None:
-            self.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-
-
 def selection_score(select: str, tasks: list[Task], metrics: dict, losses: dict, weights: dict) -> float:
     """Higher is better. See :attr:`TrainConfig.select`."""
     if select == "mean":
@@ -216,31 +127,13 @@ def check_select(select: str, tasks: list[Task]) -> None:
         raise ConfigError(f"train.select: {select!r} is not one of {', '.join(options)}")
 
 
-# --------------------------------------------------------------------------- training
+def task_info(tasks: list[Task]) -> dict[str, dict[str, Any]]:
+    """Kind, primary metric and metric directions of each task (for delta_m in reports)."""
+    return {t.name: {"kind": t.kind, "primary": t.primary, "higher_is_better": dict(t.higher_is_better)}
+            for t in tasks}
 
 
-@contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-    """Turn SIGINT/SIGTERM into a flag checked after every step (main thread only)."""
-    received: list[int] = []
-    if not hasattr(signal, "SIGTERM") or __import__("threading").current_thread() is not __import__("threading").main_thread():
-        yield received
-        return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum: int, frame: Any) -> None:
-        if received:  # a second signal: stop now
-            signal.signal(signum, previous[signum])
-            raise KeyboardInterrupt
-        received.append(signum)
-
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+# --------------------------------------------------------------------------- one epoch
 
 
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -250,8 +143,96 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def train_one_epoch(
+    loop: Loop, dataset: Dataset, batches: list[list[int]], *, num_workers: int = 0,
+    grad_clip: float | None = None, callbacks: Sequence[Callback] = (),
+    stop_requested: Callable[[], bool] = lambda: False, last_checkpoint: Path | None = None,
+) -> bool:
+    """Train on ``batches`` (this rank's indices into ``dataset``), starting after the
+    ``loop.state["step"]`` batches an interrupted run already did.
+
+    Each step runs the forward pass under ``loop.precision``'s autocast, the weighting's backward
+    and the optimizer step, then adds its task losses (over labelled samples), penalties and
+    task weights to ``loop.state["partial"]``. Raises :class:`TrainingError` on a non-finite
+    loss, naming the task, the step and ``last_checkpoint``.
+
+    Returns ``True`` if ``stop_requested()`` ended the epoch early (checked after every step,
+    so the state is exactly that of a whole number of steps), ``False`` when every batch is done.
+    """
+    model, state = loop.model, loop.state
+    loop.net.train()
+    loader = DataLoader(dataset, batch_sampler=batches[state["step"]:], num_workers=num_workers,
+                        pin_memory=loop.device.type == "cuda")
+    for callback in callbacks:
+        callback.on_epoch_start(loop, len(batches))
+    for x, y in loader:
+        x, y = _to(x, loop.device), _to(y, loop.device)
+        with loop.precision.autocast():
+            losses = model.loss_terms(loop.net(x), y)
+            penalties = model.penalty() if hasattr(model, "penalty") else {}
+        _check_finite(loop, losses, last_checkpoint)
+        loop.optimizer.zero_grad(set_to_none=True)
+        used = loop.precision.backward(loop.weighting, losses, penalties, model)
+        loop.precision.step(loop.optimizer, model, grad_clip)
+        state["step"] += 1
+        _accumulate(state["partial"], loop.tasks, y, losses, penalties, used, len(x))
+        for callback in callbacks:
+            callback.on_batch_end(loop, losses)
+        if stop_requested():
+            return True
+    return False
+
+
+def _check_finite(loop: Loop, losses: dict[str, Tensor], last_checkpoint: Path | None) -> None:
+    bad = [name for name, loss in losses.items() if not torch.isfinite(loss)]
+    if loop.ctx.any(bool(bad)):  # every rank stops, also those whose own losses are finite
+        saved = last_checkpoint is not None and last_checkpoint.is_file()
+        good = f"last good checkpoint: {last_checkpoint}" if saved else "no checkpoint was written yet"
+        name = bad[0] if bad else "?"
+        value = losses[name].item() if bad else float("nan")
+        raise TrainingError(
+            f"loss of task {name!r} is {value} at epoch {loop.state['epoch'] + 1}, step {loop.state['step'] + 1}; "
+            f"stopping ({good}). Lower the learning rate or check the inputs"
+        )
+
+
+def _accumulate(partial: dict[str, Any], tasks: list[Task], y: dict[str, Tensor], losses: dict[str, Tensor],
+                penalties: dict[str, Tensor], used: dict[str, float], n: int) -> None:
+    """Add one step of ``n`` samples to the running sums of the epoch."""
+    for t in tasks:
+        # A task's loss is a mean over its labelled samples: weight it by their count.
+        k = int(t.labelled(y[t.name]).sum())
+        partial["loss_sum"][t.name] = partial["loss_sum"].get(t.name, 0.0) + losses[t.name].item() * k
+        labelled = partial.setdefault("labelled", {})  # absent from checkpoints of older versions
+        labelled[t.name] = labelled.get(t.name, 0) + k
+    for name, value in penalties.items():
+        partial["penalty_sum"][name] = partial["penalty_sum"].get(name, 0.0) + value.item() * n
+    for name, value in used.items():
+        partial["weight_sum"][name] = partial["weight_sum"].get(name, 0.0) + float(value) * n
+    partial["count"] += n
+
+
+def _end_epoch(loop: Loop, val: dict, val_loss: dict, score: float, started: float) -> dict[str, Any]:
+    """Step the schedule and the weighting, count the epoch as done and start the sums of the
+    next one; returns the epoch's ``metrics.jsonl`` record."""
+    state, partial, ctx = loop.state, loop.state["partial"], loop.ctx
+    epoch = state["epoch"] + 1
+    lrs = {g["name"]: g["lr"] for g in loop.optimizer.param_groups}  # the rates this epoch trained with
+    step_scheduler(loop.scheduler, score)
+    train_loss = ctx.mean(partial["loss_sum"], partial.get("labelled", partial["count"]))
+    loop.weighting.epoch_end(train_loss)
+    state["seconds"] += time.perf_counter() - started
+    improved = score > state["best_score"]
+    state.update(epoch=epoch, step=0, partial=empty_partial())
+    if improved:
+        state.update(best_score=score, best_epoch=epoch)
+    return {"epoch": epoch, "lr": lrs, "train_loss": train_loss,
+            "task_weights": ctx.mean(partial["weight_sum"], partial["count"]),
+            "penalty": ctx.mean(partial["penalty_sum"], partial["count"]),
+            "val_loss": val_loss, "val": val, "score": score, "seconds": round(state["seconds"], 3)}
+
+
+# --------------------------------------------------------------------------- the run
 
 
 def fit(
@@ -280,8 +261,9 @@ def fit(
     device = resolve_device(train.device)
     ctx = distributed.setup(device.type)
     try:
-        final = _fit(model, data, train, run_dir, ctx, device, config=config, seed=seed, batch_size=batch_size,
-                     eval_batch_size=eval_batch_size, num_workers=num_workers, resume=resume, force=force, log=log)
+        final = _fit(model, data, train, RunDir(run_dir), ctx, device, config=config, seed=seed,
+                     batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                     resume=resume, force=force, log=log if ctx.is_main else lambda *a: None)
         ctx.barrier()  # every rank leaves together, after rank 0 has written final.json
         return final
     finally:
@@ -290,16 +272,56 @@ def fit(
         distributed.teardown(ctx)
 
 
-def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | Path,
-         ctx: distributed.Context, device: torch.device, *, config, seed, batch_size, eval_batch_size,
-         num_workers, resume, force, log) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.pt"
+def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run: RunDir, ctx: distributed.Context,
+         device: torch.device, *, config, seed, batch_size, eval_batch_size, num_workers, resume, force,
+         log) -> dict[str, Any]:
+    loop, weights = _setup(model, train, ctx, device)
+    config_dict = to_dict(config) if config is not None else None
+    if run.should_resume(resume, log):
+        restore(loop, run, config_dict, force=force)
+        log(f"resuming {run.path} at epoch {loop.state['epoch'] + 1}, step {loop.state['step']}")
+    if ctx.is_main:
+        run.prepare(config, loop.state["epoch"])
+    if ctx.enabled:  # wrapped after restore(), so that every rank starts from the checkpoint's weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        loop.net = DistributedDataParallel(model, device_ids=[loop.device.index] if loop.device.type == "cuda" else None)
+    evaluate_split = functools.partial(evaluate, model, tasks=loop.tasks, batch_size=eval_batch_size,
+                                       num_workers=num_workers, device=loop.device, precision=loop.precision, ctx=ctx)
+    callbacks = _callbacks(loop, run, train, config_dict)
+    with distributed.stop_requests() as stop, contextlib.ExitStack() as closing:
+        for callback in callbacks:  # also on an interrupt or error, so that TensorBoard's files are complete
+            closing.callback(callback.close)
+        while loop.state["epoch"] < train.epochs:
+            started = time.perf_counter()
+            batches = [ctx.shard(b) for b in _epoch_batches(len(data.train), batch_size, seed, loop.state["epoch"])]
+            if train_one_epoch(loop, data.train, batches, num_workers=num_workers, grad_clip=train.grad_clip,
+                               callbacks=callbacks, stop_requested=lambda: ctx.any(bool(stop)),
+                               last_checkpoint=run.last):
+                loop.state["seconds"] += time.perf_counter() - started
+                for callback in callbacks:
+                    callback.on_interrupt(loop)
+                ctx.barrier()
+                raise Interrupted(
+                    f"interrupted at epoch {loop.state['epoch'] + 1}, step {loop.state['step']}; state saved to "
+                    f"{run.last}. Resume with: taskloom train {run.config} --run-dir {run.path} --resume"
+                )
+            val, val_loss = evaluate_split(data.val)
+            score = selection_score(train.select, loop.tasks, val, val_loss, weights)
+            record = _end_epoch(loop, val, val_loss, score, started)
+            for callback in callbacks:
+                callback.on_epoch_end(loop, record)
+            ctx.barrier()
+            log(_epoch_line(record, loop.tasks, weights, train.epochs, time.perf_counter() - started))
+    return _final(loop, run, evaluate_split, data.test, config)
+
+
+def _setup(model: nn.Module, train: TrainConfig, ctx: distributed.Context,
+           device: torch.device) -> tuple[Loop, dict[str, float]]:
+    """Check ``train`` against the model's tasks and build the loop on ``device``; also returns
+    the static loss weights (``train.loss_weights``, 1 by default)."""
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    if not ctx.is_main:
-        log = lambda *a: None  # noqa: E731
     if ctx.enabled and train.weighting.name in ("gradnorm", "pcgrad"):
         # Both take per-task gradients with torch.autograd.grad, which bypasses DDP's
         # gradient all-reduce: ranks would silently diverge.
@@ -321,192 +343,46 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
     weighting = build_weighting(train.weighting, [t.name for t in tasks], weights).to(device)
     optimizer = build_optimizer(model, train, weighting)
     scheduler = build_scheduler(optimizer, train.schedule, train.epochs)
-    precision = Precision(train.precision, device)
-    config_dict = to_dict(config) if config is not None else None
+    loop = Loop(model=model, net=model, weighting=weighting, optimizer=optimizer, scheduler=scheduler,
+                precision=Precision(train.precision, device), tasks=tasks, ctx=ctx, device=device)
+    return loop, weights
 
-    state = {"epoch": 0, "step": 0, "best_score": -math.inf, "best_epoch": -1, "seconds": 0.0,
-             "partial": _empty_partial()}
-    if resume and last.is_file():
-        payload = checkpoint.load(last)
-        if config_dict is not None and payload.get("config") is not None and not force:
-            changed = [k for k in diff(payload["config"], config_dict) if k not in RESUME_SAFE_KEYS]
-            if changed:
-                raise ConfigError(
-                    f"{last}: cannot resume with a different config; changed keys: {', '.join(changed)}. "
-                    f"Resume with the run's own config ({run_dir / 'config.yaml'}) or pass --force"
-                )
-        try:
-            model.load_state_dict(payload["model"])
-            weighting.load_state_dict(payload["weighting"])
-            optimizer.load_state_dict(payload["optimizer"])
-            scheduler.load_state_dict(payload["scheduler"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise checkpoint.CheckpointError(f"{last}: does not match this model ({exc})") from None
-        state.update(payload["state"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        log(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    elif resume:
-        log(f"no checkpoint at {last}; starting from scratch")
-    elif last.is_file():
-        raise ConfigError(
-            f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose another --run-dir"
-        )
-    metrics_path = run_dir / "metrics.jsonl"
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config is not None:
-            dump(config, run_dir / "config.yaml")
-        _truncate_log(metrics_path, state["epoch"])
-    net = model
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def _callbacks(loop: Loop, run: RunDir, train: TrainConfig, config: dict[str, Any] | None) -> list[Callback]:
+    """Rank 0's callbacks, in the order their hooks run: the log line before the checkpoint
+    that it describes. The other ranks write nothing and get none."""
+    if not loop.ctx.is_main:
+        return []
+    callbacks: list[Callback] = []
+    if train.progress and sys.stderr.isatty():
+        callbacks.append(ProgressBar(train.epochs))
+    callbacks.append(MetricsLog(run))
+    if getattr(train, "tensorboard", False):
+        from taskloom.tracking import TensorBoard  # needs the optional tensorboard package
 
-    def save_state(path: Path, with_optimizer: bool = True) -> None:
-        if not ctx.is_main:
-            return
-        payload = {"config": config_dict, "model": model.state_dict(), "weighting": weighting.state_dict(),
-                   "state": dict(state), "rng": {"torch": torch.get_rng_state()},
-                   "params": count_parameters(model), "tasks": [t.name for t in tasks]}
-        if with_optimizer:
-            payload["optimizer"] = optimizer.state_dict()
-            payload["scheduler"] = scheduler.state_dict()
-        checkpoint.save(payload, path)
+        callbacks.append(TensorBoard(run.path))
+    callbacks.append(Checkpointer(run, config, count_parameters(loop.model)))
+    return callbacks
 
-    def evaluate_split(dataset: Dataset) -> tuple[dict, dict]:
-        return evaluate(model, dataset, tasks, batch_size=eval_batch_size, num_workers=num_workers,
-                        device=device, precision=precision, ctx=ctx)
 
-    writer = None
-    if getattr(train, "tensorboard", False) and ctx.is_main:
-        from taskloom.tracking import open_writer
-        writer = open_writer(run_dir)
+def _epoch_line(record: dict[str, Any], tasks: list[Task], weights: dict[str, float], epochs: int,
+                seconds: float) -> str:
+    """The console line of a finished epoch: weighted training loss and primary val metrics."""
+    summary = "  ".join(f"{t.name} {t.primary} {record['val'][t.name][t.primary]:.4f}" for t in tasks)
+    loss = sum(weights[n] * v for n, v in record["train_loss"].items())
+    return f"epoch {record['epoch']}/{epochs}  loss {loss:.4f}  val: {summary}  ({seconds:.1f}s)"
 
-    from tqdm import tqdm
 
-    show = train.progress and sys.stderr.isatty() and ctx.is_main
-    # closing(): the TensorBoard files are flushed and closed on an interrupt or error too
-    with _stop_requests() as stop, (contextlib.closing(writer) if writer is not None else contextlib.nullcontext()):
-        while state["epoch"] < train.epochs:
-            epoch = state["epoch"]
-            started = time.perf_counter()
-            net.train()
-            batches = [ctx.shard(b) for b in _epoch_batches(len(data.train), batch_size, seed, epoch)]
-            loader = DataLoader(data.train, batch_sampler=batches[state["step"]:], num_workers=num_workers,
-                                pin_memory=device.type == "cuda")
-            partial = state["partial"]
-            bar = tqdm(loader, total=len(batches), initial=state["step"], disable=not show,
-                       desc=f"epoch {epoch + 1}/{train.epochs}", leave=False, dynamic_ncols=True)
-            for x, y in bar:
-                x, y = _to(x, device), _to(y, device)
-                with precision.autocast():
-                    losses = model.loss_terms(net(x), y)
-                    penalties = model.penalty() if hasattr(model, "penalty") else {}
-                bad = [name for name, loss in losses.items() if not torch.isfinite(loss)]
-                if ctx.any(bool(bad)):
-                    good = f"last good checkpoint: {last}" if last.is_file() else "no checkpoint was written yet"
-                    name = bad[0] if bad else "?"
-                    value = losses[name].item() if bad else float("nan")
-                    raise TrainingError(
-                        f"loss of task {name!r} is {value} at epoch {epoch + 1}, step {state['step'] + 1}; "
-                        f"stopping ({good}). Lower the learning rate or check the inputs"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                used = precision.backward(weighting, losses, penalties, model)
-                precision.step(optimizer, model, train.grad_clip)
-                state["step"] += 1
-                for t in tasks:
-                    # A task's loss is a mean over its labelled samples: weight it by their count.
-                    n = int(t.labelled(y[t.name]).sum())
-                    partial["loss_sum"][t.name] = partial["loss_sum"].get(t.name, 0.0) + losses[t.name].item() * n
-                    labelled = partial.setdefault("labelled", {})
-                    labelled[t.name] = labelled.get(t.name, 0) + n
-                for name, value in penalties.items():
-                    partial["penalty_sum"][name] = partial["penalty_sum"].get(name, 0.0) + value.item() * len(x)
-                for name, value in used.items():
-                    partial["weight_sum"][name] = partial["weight_sum"].get(name, 0.0) + float(value) * len(x)
-                partial["count"] += len(x)
-                if show:
-                    bar.set_postfix({n: f"{l.item():.3f}" for n, l in losses.items()})
-                if ctx.any(bool(stop)):
-                    state["seconds"] += time.perf_counter() - started
-                    save_state(last)
-                    ctx.barrier()
-                    raise Interrupted(
-                        f"interrupted at epoch {epoch + 1}, step {state['step']}; state saved to {last}. "
-                        f"Resume with: taskloom train {run_dir / 'config.yaml'} --run-dir {run_dir} --resume"
-                    )
-            bar.close()
-            val, val_loss = evaluate_split(data.val)
-            score = selection_score(train.select, tasks, val, val_loss, weights)
-            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(score)
-            else:
-                scheduler.step()
-            train_loss = _mean_over_ranks(ctx, partial["loss_sum"], partial.get("labelled", partial["count"]))
-            weighting.epoch_end(train_loss)
-            state["seconds"] += time.perf_counter() - started
-            improved = score > state["best_score"]
-            state.update(epoch=epoch + 1, step=0, partial=_empty_partial())
-            if improved:
-                state.update(best_score=score, best_epoch=epoch + 1)
-            record = {"epoch": epoch + 1, "lr": lrs, "train_loss": train_loss,
-                      "task_weights": _mean_over_ranks(ctx, partial["weight_sum"], partial["count"]),
-                      "penalty": _mean_over_ranks(ctx, partial["penalty_sum"], partial["count"]),
-                      "val_loss": val_loss, "val": val, "score": score, "seconds": round(state["seconds"], 3)}
-            if ctx.is_main:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    from taskloom.tracking import log_epoch
-                    log_epoch(writer, record, model)
-            if improved:
-                save_state(ckpt_dir / "best.pt", with_optimizer=False)
-            save_state(last)
-            ctx.barrier()
-            summary = "  ".join(f"{t.name} {t.primary} {val[t.name][t.primary]:.4f}" for t in tasks)
-            log(f"epoch {epoch + 1}/{train.epochs}  loss {sum(weights[n] * v for n, v in train_loss.items()):.4f}  "
-                f"val: {summary}  ({time.perf_counter() - started:.1f}s)")
-
-    best = checkpoint.load(ckpt_dir / "best.pt")
-    model.load_state_dict(best["model"])
-    test, _ = evaluate_split(data.test)
-    final = {"tasks": test, "params": count_parameters(model), "seconds": round(state["seconds"], 3),
-             "config": str(run_dir / "config.yaml") if config is not None else None,
-             "split": "test", "best_epoch": state["best_epoch"], "checkpoint": str(ckpt_dir / "best.pt"),
-             "task_info": task_info(tasks)}
-    if ctx.is_main:
-        (run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
+def _final(loop: Loop, run: RunDir, evaluate_split: Callable[[Dataset], tuple[dict, dict]], test_set: Dataset,
+           config: Config | None) -> dict[str, Any]:
+    """Test metrics of ``best.pt``: the ``final.json`` record, which rank 0 writes."""
+    best = checkpoint.load(run.best)
+    loop.model.load_state_dict(best["model"])
+    test, _ = evaluate_split(test_set)
+    final = {"tasks": test, "params": count_parameters(loop.model), "seconds": round(loop.state["seconds"], 3),
+             "config": str(run.config) if config is not None else None,
+             "split": "test", "best_epoch": loop.state["best_epoch"], "checkpoint": str(run.best),
+             "task_info": task_info(loop.tasks)}
+    if loop.ctx.is_main:
+        run.write_final(final)
     return final
-
-
-def task_info(tasks: list[Task]) -> dict[str, dict[str, Any]]:
-    """Kind, primary metric and metric directions of each task (for delta_m in reports)."""
-    return {t.name: {"kind": t.kind, "primary": t.primary, "higher_is_better": dict(t.higher_is_better)}
-            for t in tasks}
-
-
-def _mean_over_ranks(ctx: distributed.Context, sums: dict[str, float],
-                    count: int | dict[str, int]) -> dict[str, float]:
-    """Per-key means over all ranks: ``sums[k] / count`` (or ``/ count[k]``, per-key counts)."""
-    names = sorted(sums)
-    counts = [float(count[n] if isinstance(count, dict) else count) for n in names]
-    totals = ctx.sum([sums[n] for n in names] + counts)
-    return {n: s / max(c, 1.0) for n, s, c in zip(names, totals[:len(names)], totals[len(names):])}
-
-
-def _empty_partial() -> dict[str, Any]:
-    """Running sums of the epoch in progress (checkpointed for mid-epoch resume)."""
-    return {"loss_sum": {}, "labelled": {}, "penalty_sum": {}, "weight_sum": {}, "count": 0}
-
-
-def _truncate_log(path: Path, epochs_done: int) -> None:
-    """Drop log lines of epochs after the checkpoint (written before a crash)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
