@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from taskloom.grid import SINGLE  # noqa: E402
-from taskloom.summary import read_csv, summarize, write_results  # noqa: E402
+from taskloom.compare import write_results  # noqa: E402
+from taskloom.summary import read_csv, summarize  # noqa: E402
 
 STUDIES = ("mtfl", "utkface", "ablations")
 DOCS = REPO / "docs" / "results"

@@ -23,6 +23,7 @@ single-task, Δm last), ``metric_vs_params.png`` and, for classification tasks,
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ from pathlib import Path
 from taskloom.errors import ConfigError, TaskloomError
 from taskloom.grid import DEFAULT_GRID, expand, load_grid
 from taskloom.runs import CHANGED_POLICIES, reconcile_stored_configs, run_jobs
-from taskloom.summary import collect, training_class_counts, write_results
+from taskloom.summary import collect, read_csv, relative_changes, summarize, training_class_counts, write_csv
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
@@ -79,3 +80,27 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{len(failed)} run(s) failed: " + ", ".join(str(j.run_dir) for j in failed), file=sys.stderr)
         return 1
     return 0
+
+
+def write_results(run_root: Path, rows: list[dict[str, Any]] | None = None, counts: dict | None = None,
+                  title: str = "Comparison") -> Path:
+    """(Re)write ``results.md`` and the plots of a run root from its ``results.csv`` (or from
+    ``rows``, written to it first); ``counts``: training class counts (kept in
+    ``class_counts.json``) for the per-class gain plots. Returns the path of ``results.md``."""
+    from taskloom import plots
+    from taskloom.tables import results_markdown
+
+    csv_path = run_root / "results.csv"
+    if rows is not None:
+        write_csv(rows, csv_path)
+    counts_path = run_root / "class_counts.json"
+    if counts is not None:
+        counts_path.write_text(json.dumps(counts) + "\n", encoding="utf-8")
+    elif counts_path.is_file():
+        counts = json.loads(counts_path.read_text())
+    rows = read_csv(csv_path)
+    summary = summarize(rows)
+    written = plots.write_plots(rows, summary, relative_changes(rows), run_root, counts)
+    md = run_root / "results.md"
+    md.write_text(results_markdown(summary, title, images=[p.name for p in written]), encoding="utf-8")
+    return md

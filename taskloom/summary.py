@@ -5,7 +5,7 @@ A *row* is one finished run (:func:`collect`): its label, seed, task (single-tas
 baseline label, parameters, training seconds, ``task_info`` (each task's kind, primary metric
 and higher-is-better flags) and every test metric as ``task/metric``. Everything downstream
 (:func:`summarize`, :func:`relative_changes`, the tables and plots) is computed from rows alone,
-so it can be regenerated from a committed ``results.csv``: :func:`write_results`.
+so it can be regenerated from a committed ``results.csv``: :func:`taskloom.compare.write_results`.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,32 +223,3 @@ def training_class_counts(config: dict[str, Any]) -> dict[str, list[int]]:
             valid = target >= 0
             counts[name] += torch.bincount(target[valid], minlength=len(counts[name]))
     return {k: v.tolist() for k, v in counts.items()}
-
-
-def write_results(run_root: Path, rows: list[dict[str, Any]] | None = None, counts: dict | None = None,
-                  title: str = "Comparison") -> Path:
-    """(Re)write ``results.md`` and the plots of a run root from its ``results.csv`` (or from
-    ``rows``, written to it first); ``counts``: training class counts (kept in
-    ``class_counts.json``) for the per-class gain plots. Returns the path of ``results.md``."""
-    from taskloom.tables import results_markdown
-
-    csv_path = run_root / "results.csv"
-    if rows is not None:
-        write_csv(rows, csv_path)
-    counts_path = run_root / "class_counts.json"
-    if counts is not None:
-        counts_path.write_text(json.dumps(counts) + "\n", encoding="utf-8")
-    elif counts_path.is_file():
-        counts = json.loads(counts_path.read_text())
-    rows = read_csv(csv_path)
-    summary = summarize(rows)
-    try:
-        from taskloom import plots
-
-        written = plots.write_plots(rows, summary, relative_changes(rows), run_root, counts)
-    except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
-        written = []
-    md = run_root / "results.md"
-    md.write_text(results_markdown(summary, title, images=[p.name for p in written]), encoding="utf-8")
-    return md

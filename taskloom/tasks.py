@@ -417,7 +417,3 @@ def primary_score(task: Task, values: dict[str, float | list[float]]) -> float:
     if math.isnan(value):
         return -math.inf
     return value if task.higher_is_better[task.primary] else -value
-
-
-# The dense (per-pixel) kinds register themselves in TASK_KINDS when this module is imported.
-import taskloom.dense  # noqa: E402,F401

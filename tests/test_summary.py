@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from taskloom import plots, summary
+from taskloom import compare, plots, summary
 
 REPO = Path(__file__).resolve().parents[1]
 INFO = {"a": {"kind": "classification", "primary": "accuracy", "higher_is_better": {"accuracy": True}},
@@ -84,7 +84,7 @@ def test_heatmap_and_parameter_plot_are_written(tmp_path):
 def test_results_page_shows_the_heatmap(tmp_path):
     summary.write_csv([{**r, "task_info": __import__("json").dumps(r["task_info"])} for r in ROWS],
                       tmp_path / "results.csv")
-    md = summary.write_results(tmp_path, title="Synthetic").read_text()
+    md = compare.write_results(tmp_path, title="Synthetic").read_text()
     assert md.startswith("# Synthetic\n") and "![relative change" in md and "(relative_change.png)" in md
     assert "[metric_vs_params.png](metric_vs_params.png)" in md
     assert (tmp_path / "relative_change.png").is_file()

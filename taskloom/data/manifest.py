@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from taskloom.data import DATASETS, DataBundle, DataOptions
 from taskloom.errors import DataError
+import taskloom.dense  # noqa: F401  (registers the dense kinds in TASK_KINDS)
 from taskloom.tasks import TASK_KINDS, BinaryTask, ClassificationTask, LandmarkTask, Task
 
 SPLITS = ("train", "val", "test")
