@@ -2,6 +2,7 @@
 
     python scripts/record.py run [--jobs 2] [--runs runs/record] [STUDY ...]
     python scripts/record.py report [--runs runs/record]
+    python scripts/record.py rerun STUDY LABEL [LABEL ...] [--jobs 2] [--runs runs/rerun]
 
 ``run`` calls ``taskloom compare configs/record/<study>.yaml --resume`` for each study (default:
 all of ``mtfl``, ``utkface``, ``ablations``; a killed run is picked up where it stopped) and
@@ -12,6 +13,11 @@ included), regenerates its ``results.md`` and plots (``relative_change.png`` hea
 ``metric_vs_params.png``, per-class gains where class counts are known) and the tables of
 ``docs/results/README.md`` (between its ``record:`` markers) from those committed CSV files
 alone, so every number there is traceable to a row of a committed ``results.csv``.
+
+``rerun`` trains only the runs of the given labels of one study again (every seed, nothing else:
+not the single-task baselines) and puts their rows in place of the committed ones in
+``docs/results/<study>/results.csv``; ``report`` then regenerates the pages. It is how rows are
+re-measured after a fix that changes only them, and it prints the wall time of the rerun.
 
 Data: the grids leave ``data.root`` unset, so set ``TASKLOOM_DATA`` to the folder that holds
 ``mtfl/`` and ``utkface64/`` (here: ``TASKLOOM_DATA=../shared/data``).
@@ -193,6 +199,36 @@ def report(args) -> None:
         print(f"wrote {path}")
 
 
+def rerun(args) -> None:
+    from taskloom.grid import expand, load_grid
+    from taskloom.runs import run_jobs
+    from taskloom.summary import collect, write_csv
+
+    grid = load_grid(REPO / "configs" / "record" / f"{args.study}.yaml")
+    jobs = [j for j in expand(grid, grid.seeds, Path(args.runs) / args.study) if j.label in args.labels]
+    missing = sorted(set(args.labels) - {j.label for j in jobs})
+    if missing:
+        sys.exit(f"{args.study}: no rows labelled {missing} in configs/record/{args.study}.yaml")
+    started = time.perf_counter()
+    failed = run_jobs(jobs, args.jobs, resume=True)
+    if failed:
+        sys.exit(f"{len(failed)} runs failed: " + ", ".join(f"{j.label} seed {j.seed}" for j in failed))
+    print(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s")
+    fresh: dict[str, list[dict]] = {}
+    for row in collect(jobs):
+        fresh.setdefault(row["label"], []).append(row)
+    path = DOCS / args.study / "results.csv"
+    rows: list[dict] = []
+    for row in read_csv(path):  # the reran labels' rows take the place of the old ones
+        if row["label"] not in fresh:
+            rows.append({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+        elif fresh[row["label"]]:
+            rows += fresh[row["label"]]
+            fresh[row["label"]] = []
+    write_csv(rows, path)
+    print(f"wrote {path}")
+
+
 def plot_weights(run_dirs: list[Path], out: Path) -> Path:
     """One panel per run: the per-epoch task weights that ``metrics.jsonl`` logs."""
     import matplotlib
@@ -228,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--runs", default="runs/record")
     p.set_defaults(fn=run)
+    p = sub.add_parser("rerun")
+    p.add_argument("study", choices=STUDIES)
+    p.add_argument("labels", nargs="+")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--runs", default="runs/rerun")
+    p.set_defaults(fn=rerun)
     p = sub.add_parser("report")
     p.add_argument("--runs", default="runs/record")
     p.set_defaults(fn=report)
