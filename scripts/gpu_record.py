@@ -225,9 +225,12 @@ def machine_info(device: str) -> dict[str, Any]:
                     multiprocessors=p.multi_processor_count, cudnn=torch.backends.cudnn.version())
     smi = shutil.which("nvidia-smi")
     if smi:
-        q = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit",
-                            "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
-        info["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+        try:
+            q = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit",
+                                "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            info["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            info["nvidia_smi"] = f"failed: {exc}"
     return info
 
 
@@ -363,7 +366,7 @@ def probe_steps(grids: dict[str, Path], work: Path, steps: int, log: Log, max_ke
 
 
 def probe_concurrency(job_config: dict[str, Any], work: Path, levels: list[int], steps: int, env: dict[str, str],
-                      log: Log, device: str) -> dict[str, Any]:
+                      log: Log, device: str, limit: float = 180.0) -> dict[str, Any]:
     """Aggregate training steps/s of L processes at once on the one GPU, for each L in
     ``levels``: L worker processes (``_worker``: the real trainer, 2 epochs of ``steps`` steps,
     the second timed) are started together by a line on their stdin."""
@@ -390,6 +393,13 @@ def probe_concurrency(job_config: dict[str, Any], work: Path, levels: list[int],
             if parts and parts[0] == expect:
                 return parts[1:]
 
+    def kill_all() -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+    watchdog = threading.Timer(limit, kill_all)  # a hung worker ends the probe, not the run
+    watchdog.start()
     try:
         ready = [read(p, "ready") for p in procs]
         result["startup_s"] = sorted(float(r[0]) for r in ready)[len(ready) // 2]
@@ -411,6 +421,7 @@ def probe_concurrency(job_config: dict[str, Any], work: Path, levels: list[int],
             log(f"probe concurrency: {level:2d} at once: {rate:8.1f} steps/s in all "
                 f"({rate / result['levels']['1']['steps_per_s']:.2f}x one)")
     finally:
+        watchdog.cancel()
         for p in procs:
             try:
                 p.stdin.write("quit\n")
@@ -441,8 +452,11 @@ def gpu_process_mib(pids: list[int]) -> dict[str, Any] | None:
     smi = shutil.which("nvidia-smi")
     if not smi:
         return None
-    q = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                       capture_output=True, text=True, timeout=30)
+    try:
+        q = subprocess.run([smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
     used = {}
     for line in q.stdout.splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -807,6 +821,8 @@ def run(args) -> int:
     # probe
     t = time.perf_counter()
     steps = 2 if args.tiny else args.probe_steps
+    if not studies:
+        log("no study among --parts: nothing to probe")
     probe = probe_steps(grids, out / "probe", steps, log, max_keys=1 if args.tiny else None)
     jobs_model = {}
     for study, grid in grids.items():
@@ -814,15 +830,19 @@ def run(args) -> int:
                              for j in grid_jobs(grid, settings["seeds"], out / "probe" / "jobs")]
     concurrency = None
     startup = 3.0 if device == "cuda" else 4.0
-    if args.jobs is None:
+    if args.jobs is None and studies:
         cap = min(args.max_jobs, os.cpu_count() or 1)
         levels = sorted({lv for lv in ([1, 2] if args.tiny else [1, 2, 4, 8, 12, 16, 24]) if lv <= cap} | {cap})
         candidates = grid_jobs(grids[studies[0]], 1, out / "probe" / "jobs")
         rep = next((j for j in candidates if j.label == "cross_stitch"), candidates[-1])  # a 5-tower run
-        concurrency = probe_concurrency(rep.config, out / "probe" / "workers", levels, steps if args.tiny else
-                                        args.probe_steps * 4, env, log, device)
-        settings["jobs"] = concurrency["jobs"]
-        startup = concurrency["startup_s"]
+        try:
+            concurrency = probe_concurrency(rep.config, out / "probe" / "workers", levels, steps if args.tiny else
+                                            args.probe_steps * 4, env, log, device)
+            settings["jobs"] = concurrency["jobs"]
+            startup = concurrency["startup_s"]
+        except Exception as exc:  # keep going with a guess
+            settings["jobs"] = min(8, cap)
+            log(f"probe concurrency failed ({type(exc).__name__}: {exc}); running {settings['jobs']} at once")
     fixed["probe"] = time.perf_counter() - t
     speedups = {int(k): v for k, v in (concurrency or {"speedup": {"1": 1.0}})["speedup"].items()}
 
@@ -833,7 +853,7 @@ def run(args) -> int:
         lower = max([k for k in known if k <= n], default=1)
         return speedups.get(lower, 1.0) if concurrency else min(n, 4) ** 0.75
 
-    cs_step = max(v.get("step_s", 0) for v in probe[studies[0]].values())
+    cs_step = max([v.get("step_s", 0) for v in probe[studies[0]].values()] if studies else [0.005]) or 0.005
     model = {"probe": probe, "jobs": jobs_model, "startup": startup, "meta": metas, "speedup": speedup,
              "compare_overhead": startup + (4.0 if device == "cuda" else 8.0),
              "tests": args.tests_estimate if not args.tiny else 10.0,
@@ -860,7 +880,8 @@ def run(args) -> int:
         summary["parts"]["bench"] = part_bench(args, out, env, device, log, bench_deadline)
     tests_thread = None
     if "tests" in settings["parts"]:
-        tests_timeout = args.tests_timeout if not args.tiny else 120
+        tests_timeout = min(args.tests_timeout if not args.tiny else 120,
+                            max(budget_end - time.perf_counter() - 10, 30))
 
         def tests_job() -> None:
             summary["parts"]["tests"] = part_tests(args, out, env, device, tests_timeout, log)
