@@ -304,7 +304,7 @@ def _label(entry: Any) -> str:
 
 
 def grid_jobs(grid: Path, seeds: int, run_root: Path):
-    from taskloom.compare import expand, load_grid  # (the public grid API of `taskloom compare`)
+    from taskloom.grid import expand, load_grid
 
     return expand(load_grid(grid), seeds, run_root)
 
@@ -325,7 +325,7 @@ def probe_steps(grids: dict[str, Path], work: Path, steps: int, log: Log, max_ke
     """Per study and probe key: seconds per training step and per evaluated sample, through the
     real trainer (``taskloom.train.run``: 2 epochs of ``steps`` steps; the second is timed)."""
     from taskloom.config import from_dict
-    from taskloom.train import run as train_run
+    from taskloom.experiment import run as train_run
 
     out: dict[str, Any] = {}
     for study, grid in grids.items():
@@ -471,7 +471,8 @@ def worker(args) -> int:
     (tiny validation and test) and answers 'done SECONDS_OF_EPOCH_2'."""
     from taskloom.config import load
     from taskloom.data import DataBundle
-    from taskloom.train import build_experiment, fit
+    from taskloom.experiment import build_experiment
+    from taskloom.train import fit
 
     config = load(args.config)
     data, model = build_experiment(config)
@@ -737,11 +738,12 @@ def part_study(study: str, grid: Path, out: Path, settings: dict[str, Any], env:
     if result["timed_out"] or not (root / "results.csv").is_file():
         # stopped at its deadline (or failed): tabulate the runs that finished
         try:
-            from taskloom.compare import collect, report
+            from taskloom.compare import write_results
+            from taskloom.summary import collect
 
             rows = collect(grid_jobs(grid, settings["seeds"], root))
             if rows:
-                report(root, rows, title=f"GPU record (partial): {study}")
+                write_results(root, rows, title=f"GPU record (partial): {study}")
             result["partial_rows"] = len(rows)
         except Exception as exc:  # keep the other parts going
             result["partial_error"] = f"{type(exc).__name__}: {exc}"

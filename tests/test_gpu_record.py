@@ -116,7 +116,8 @@ def test_trainer_on_packed_data(tmp_path):
     """A real fit over a packed set (on the GPU when TASKLOOM_TEST_DEVICE=cuda: batches gathered
     on the device, the trainer's pin_memory DataLoader passing them through)."""
     from taskloom.config import load
-    from taskloom.train import build_experiment, fit
+    from taskloom.experiment import build_experiment
+    from taskloom.train import fit
 
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
