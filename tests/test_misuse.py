@@ -1,0 +1,140 @@
+"""Misuse: two writers on one run directory, torn logs, bad output paths, bad weights files,
+malformed overrides and configs. Every failure is one line starting with ``taskloom: error:``."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from taskloom.cli import main
+from taskloom.errors import ConfigError
+from taskloom.rundir import RunDir
+
+from helpers import subprocess_env
+
+TINY = ["data.train_pairs=256", "data.val_pairs=64", "data.test_pairs=64", "model.backbone.channels=[4,8]",
+        "model.backbone.hidden=16", "train.progress=false"]
+
+
+def _taskloom(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "taskloom", *args], capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env())
+
+
+def _one_line_error(capsys_or_stderr) -> str:
+    err = capsys_or_stderr if isinstance(capsys_or_stderr, str) else capsys_or_stderr.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("taskloom: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- 1. one writer per run directory
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "taskloom", "train", *TINY, "train.epochs=200", "--run-dir",
+                              str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=subprocess_env())
+    try:
+        deadline = time.monotonic() + 120
+        lock = run_dir / ".lock"
+        while not (lock.is_file() and "pid" in lock.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        second = _taskloom("train", *TINY, "train.epochs=200", "--seed", "1", "--run-dir", str(run_dir), "--resume")
+        assert second.returncode == 2
+        line = _one_line_error(second.stderr)
+        assert f"pid {first.pid}" in line and "in use" in line
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    resumed = _taskloom("train", *TINY, "train.epochs=200", "--run-dir", str(run_dir), "--resume", "--force",
+                        "train.epochs=1")
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == sorted(set(epochs))
+
+
+def test_lock_is_held_for_the_block_and_released_after(tmp_path):
+    run = RunDir(tmp_path / "r")
+    with run.lock():
+        assert str(os.getpid()) in (tmp_path / "r" / ".lock").read_text()
+        # flock locks belong to the open file: a second open (as another process does) is refused
+        with pytest.raises(ConfigError, match=f"in use by pid {os.getpid()}"):
+            with RunDir(tmp_path / "r").lock():
+                pass
+    with run.lock():  # released on exit
+        pass
+
+
+# --------------------------------------------------------------------------- 2. torn metrics.jsonl
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_message(tmp_path):
+    run = RunDir(tmp_path)
+    run.metrics.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3, "val": {"le', encoding="utf-8")
+    said = []
+    run.truncate_metrics(2, said.append)
+    assert run.metrics.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    assert "torn last line 3" in said[0]
+
+
+def test_a_corrupt_earlier_metrics_line_is_refused_with_its_number(tmp_path):
+    run = RunDir(tmp_path)
+    run.metrics.write_text('{"epoch": 1}\n{"epo\n{"epoch": 2}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="line 2"):
+        run.truncate_metrics(2)
+
+
+# --------------------------------------------------------------------------- 3. output paths
+
+
+def test_run_dir_naming_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["train", *TINY, "train.epochs=1", "--run-dir", str(tmp_path / "f")]) == 2
+    assert "not a folder" in _one_line_error(capsys)
+
+
+# --------------------------------------------------------------------------- 5, 6. overrides and config files
+
+
+@pytest.mark.parametrize("override", ["model.architecture={name: nddr", "model.backbone.channels=[4,", "data.root='x"])
+def test_a_malformed_collection_or_quoted_override_is_reported_as_malformed_yaml(override):
+    from taskloom import config as cfg
+
+    with pytest.raises(ConfigError, match="malformed YAML") as info:
+        cfg.load(None, [override])
+    assert repr(override) in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["*.jpg", "@w.pt", "%x"])
+def test_plain_values_that_are_not_yaml_stay_strings(value):
+    from taskloom.yamlio import apply_override
+
+    data = {}
+    apply_override(data, f"data.root={value}")
+    assert data == {"data": {"root": value}}
+
+
+def test_duplicate_keys_in_a_config_are_an_error_with_both_lines(tmp_path):
+    from taskloom import config as cfg
+
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\ntrain:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"line 5: duplicate key 'train.lr' \(first set on line 3\)"):
+        cfg.load(path)
+
+
+def test_an_empty_config_file_warns(tmp_path, capsys):
+    from taskloom import config as cfg
+
+    path = tmp_path / "c.yaml"
+    path.write_text("# nothing yet\n", encoding="utf-8")
+    assert cfg.load(path) == cfg.load()
+    assert "is empty" in capsys.readouterr().err
