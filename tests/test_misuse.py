@@ -138,3 +138,44 @@ def test_an_empty_config_file_warns(tmp_path, capsys):
     path.write_text("# nothing yet\n", encoding="utf-8")
     assert cfg.load(path) == cfg.load()
     assert "is empty" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- 4. weights files and checkpoints
+
+
+def _bad_files(tmp_path):
+    import pickle
+
+    random_bytes = tmp_path / "random.pt"
+    random_bytes.write_bytes(bytes(range(256)) * 8)
+    code = tmp_path / "code.pt"
+
+    class Code:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    code.write_bytes(pickle.dumps({"w": Code()}, protocol=2))
+    return random_bytes, code
+
+
+def test_bad_backbone_weights_files_are_one_line_errors(tmp_path):
+    from taskloom.backbones import Backbone, ResNet18Options
+    from taskloom.errors import TaskloomError
+
+    random_bytes, code = _bad_files(tmp_path)
+    with pytest.raises(TaskloomError, match="model.backbone.weights: .*not a checkpoint") as info:
+        Backbone(ResNet18Options(weights=str(random_bytes)), (3, 32, 32)).build()
+    assert "weights_only" not in str(info.value) and "possibly code" not in str(info.value)
+    with pytest.raises(TaskloomError, match="model.backbone.weights: .*possibly code") as info:
+        Backbone(ResNet18Options(weights=str(code)), (3, 32, 32)).build()
+    assert "weights_only" not in str(info.value)
+
+
+def test_a_random_bytes_checkpoint_is_not_a_checkpoint(tmp_path, capsys):
+    random_bytes, code = _bad_files(tmp_path)
+    assert main(["eval", str(random_bytes)]) == 2
+    line = _one_line_error(capsys)
+    assert "not a checkpoint" in line and "possibly code" not in line and "weights_only" not in line
+    assert main(["eval", str(code)]) == 2
+    line = _one_line_error(capsys)
+    assert "possibly code" in line and "weights_only" not in line
