@@ -179,3 +179,25 @@ def test_a_random_bytes_checkpoint_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["eval", str(code)]) == 2
     line = _one_line_error(capsys)
     assert "possibly code" in line and "weights_only" not in line
+
+
+# --------------------------------------------------------------------------- 7. a checkpoint from another config
+
+
+def test_resuming_with_the_runs_own_config_over_a_foreign_checkpoint_says_the_checkpoint_does_not_match(tmp_path):
+    import torch
+
+    from taskloom import checkpoint
+    from taskloom import config as cfg
+    from taskloom.callbacks import restore
+
+    run = RunDir(tmp_path)
+    own = cfg.load()
+    cfg.dump(own, run.config)
+    other = cfg.to_dict(cfg.load(None, ["model.architecture=nddr"]))
+    checkpoint.save({"config": other, "model": {"w": torch.zeros(1)}}, run.last)
+    with pytest.raises(ConfigError, match=r"does not match the run's config .*keys that differ: model\.architecture") as info:
+        restore(None, run, cfg.to_dict(cfg.load(run.config)))
+    assert "Resume with the run's own config" not in str(info.value)
+    with pytest.raises(ConfigError, match="Resume with the run's own config"):  # another config: as before
+        restore(None, run, cfg.to_dict(cfg.load(None, ["model.architecture=split@2"])))
