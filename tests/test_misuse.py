@@ -201,3 +201,74 @@ def test_resuming_with_the_runs_own_config_over_a_foreign_checkpoint_says_the_ch
     assert "Resume with the run's own config" not in str(info.value)
     with pytest.raises(ConfigError, match="Resume with the run's own config"):  # another config: as before
         restore(None, run, cfg.to_dict(cfg.load(None, ["model.architecture=split@2"])))
+
+
+# --------------------------------------------------------------------------- 3, 10. output paths, eval, inspect --plot
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory):
+    """A tiny trained run of a network without mixers (split at the top: no mixing units)."""
+    run_dir = tmp_path_factory.mktemp("split") / "run"
+    assert main(["train", *TINY, "train.epochs=1", "model.architecture=split@2", "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_eval_output_in_a_missing_folder_is_created_and_the_table_printed(split_run, tmp_path, capsys):
+    out = tmp_path / "no" / "such" / "dir" / "x.json"
+    assert main(["eval", str(split_run / "checkpoints" / "best.pt"), "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["split"] == "test"
+    assert "parameters:" in capsys.readouterr().out
+
+
+def test_eval_output_under_a_file_is_refused_before_the_work(split_run, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["eval", str(split_run / "checkpoints" / "best.pt"), "--output", str(tmp_path / "f" / "x.json")]) == 2
+    captured = capsys.readouterr()
+    assert "is a file" in _one_line_error(captured.err) and "parameters:" not in captured.out
+
+
+def test_inspect_plot_on_a_network_without_mixers_says_nothing_to_plot(split_run, tmp_path, capsys):
+    folder = tmp_path / "plots"
+    assert main(["inspect", str(split_run / "checkpoints" / "best.pt"), "--plot", str(folder)]) == 0
+    assert "nothing to plot" in capsys.readouterr().out and not folder.exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["inspect", str(split_run / "checkpoints" / "best.pt"), "--plot", str(tmp_path / "file")]) == 2
+    assert "not a folder" in _one_line_error(capsys)
+
+
+def test_no_command_lists_the_commands_and_version(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("taskloom: error: no command given")
+    for command in ("train", "eval", "inspect", "data", "compare"):
+        assert f"\n  {command} " in err
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("taskloom ")
+
+
+def test_compare_help_has_no_rest_markup(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and ":mod:" not in out
+
+
+# --------------------------------------------------------------------------- 9. Ctrl-C while importing
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = "import sys, taskloom, taskloom.cli; print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_ctrl_c_in_the_first_seconds_exits_quietly_with_130():
+    proc = subprocess.Popen([sys.executable, "-m", "taskloom", "train", *TINY], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    time.sleep(0.5)  # the interpreter is up and importing (torch takes seconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode == 130, err
