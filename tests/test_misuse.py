@@ -272,3 +272,17 @@ def test_ctrl_c_in_the_first_seconds_exits_quietly_with_130():
     out, err = proc.communicate(timeout=120)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert proc.returncode == 130, err
+
+
+# --------------------------------------------------------------------------- 8. data check on a small dataset
+
+
+def test_data_check_reports_malformed_lines_and_the_validation_size_error(tmp_path, capsys):
+    from test_mtfl import _fixture as mtfl_fixture
+
+    root, chosen = mtfl_fixture(tmp_path)
+    rel = chosen["training.txt"][1].split()[0].replace("\\", "/")
+    (root / rel).write_bytes(b"broken")
+    assert main(["data", "check", "mtfl", "--data-root", str(root), "-o", "val_size=50"]) == 1
+    out = capsys.readouterr().out
+    assert "errors: 2" in out and "training.txt, line 2: image" in out and "data.val_size=50" in out
