@@ -213,16 +213,15 @@ def _load_weights(model: nn.Module, options: TorchvisionOptions, arch: str, skip
 
     import torchvision
 
+    from taskloom.checkpoint import load_state_dict_file
     from taskloom.errors import ConfigError
 
     value = options.weights
     path = Path(value).expanduser()
     if path.suffix in (".pt", ".pth") or path.exists():
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"model.backbone.weights: {value} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict):
-            state = state.get("state_dict", state.get("model", state))
+        state = load_state_dict_file(path)
     else:
         try:
             enum = torchvision.models.get_model_weights(arch)
@@ -238,7 +237,7 @@ def _load_weights(model: nn.Module, options: TorchvisionOptions, arch: str, skip
                 f"taskloom never downloads. Fetch it once with: python -c \"import torchvision; "
                 f"torchvision.models.{arch}(weights='{value}')\", or give a path to a state dict"
             )
-        state = torch.load(cached, map_location="cpu", weights_only=True)
+        state = load_state_dict_file(cached)
     if skip:  # parts of the torchvision model that are not stages (VGG's classifier)
         state = {k: v for k, v in state.items() if not k.startswith(skip)}
     try:

@@ -159,6 +159,12 @@ def restore(loop: Loop, run_dir: RunDir, config: dict[str, Any] | None, *, force
     payload = checkpoint.load(path)
     if config is not None and payload.get("config") is not None and not force:
         changed = [k for k in diff(payload["config"], config) if k not in RESUME_SAFE_KEYS]
+        if changed and _is_run_config(run_dir, config):
+            raise ConfigError(
+                f"{path}: the checkpoint does not match the run's config ({run_dir.config}); keys that differ: "
+                f"{', '.join(changed)}. The checkpoint was written with another config: put that config back, "
+                f"pass --force, or start afresh in another --run-dir"
+            )
         if changed:
             raise ConfigError(
                 f"{path}: cannot resume with a different config; changed keys: {', '.join(changed)}. "
@@ -173,3 +179,14 @@ def restore(loop: Loop, run_dir: RunDir, config: dict[str, Any] | None, *, force
         raise CheckpointError(f"{path}: does not match this model ({exc})") from None
     loop.state.update(payload["state"])
     torch.set_rng_state(payload["rng"]["torch"])
+
+
+def _is_run_config(run_dir: RunDir, config: dict[str, Any]) -> bool:
+    """Whether ``config`` is the one saved in ``run_dir``'s ``config.yaml`` (resume-safe keys aside)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(run_dir.config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(saved, dict) and not [k for k in diff(saved, config) if k not in RESUME_SAFE_KEYS]

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from taskloom.errors import TaskloomError
+from taskloom.errors import ConfigError, TaskloomError
 
 EPILOG = """\
 examples:
@@ -19,13 +19,25 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``taskloom: error: ...``, like every other error."""
+
+    def error(self, message: str):
+        command = self.prog.partition(" ")[2]
+        print(f"taskloom: error: {command + ': ' if command else ''}{message} "
+              f"(see: taskloom {command + ' ' if command else ''}--help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from taskloom import __version__
+
+    parser = _Parser(
         prog="taskloom", description="Multi-task deep learning with learned cross-task feature sharing.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"taskloom {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
 
     train = sub.add_parser(
         "train", help="train a model from a config file (default: embedded MultiMNIST cross-stitch)",
@@ -91,20 +103,34 @@ def _eval(args: argparse.Namespace) -> int:
     from taskloom.train import count_parameters, evaluate, resolve_device
 
     path = Path(args.checkpoint)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    out = Path(args.output) if args.output else run_dir / f"eval_{args.split}.json"
+    _check_output(out)  # before the work, not after it
     model, config, payload, data = load_run(path, args.data_root)
     device = resolve_device(args.device)
     model.to(device)
     with torch.no_grad():
         results, _ = evaluate(model, data.split(args.split), data.tasks, batch_size=config.data.eval_batch_size,
                               num_workers=config.data.num_workers, device=device)
-    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     final = {"tasks": results, "params": count_parameters(model), "seconds": payload["state"].get("seconds"),
              "config": str(run_dir / "config.yaml"), "split": args.split, "checkpoint": str(path)}
-    out = Path(args.output) if args.output else run_dir / f"eval_{args.split}.json"
-    out.write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
-    _print_final(final)
+    _print_final(final)  # the results are shown even if writing them fails
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--output {out}: cannot write ({exc.strerror or exc}); the results are printed above") from None
     print(f"results: {out}")
     return 0
+
+
+def _check_output(out: Path) -> None:
+    """An output file's path is usable: not a folder, its parent a folder (created if missing)."""
+    if out.is_dir():
+        raise ConfigError(f"--output {out}: is a folder; give a file name, e.g. {out / 'eval.json'}")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"--output {out}: {parent} is a file, not a folder")
 
 
 def _print_final(final: dict) -> None:
@@ -115,23 +141,41 @@ def _print_final(final: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    # Overrides may come after flags (`train cfg.yaml --epochs 3 train.lr=0.1`): argparse stops
-    # collecting positionals at the first flag, so pick up the KEY=VALUE leftovers here.
-    args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    # Ctrl-C at any moment, imports included, exits quietly with 130. (The package imports
+    # torch lazily, so the console script gets here within a fraction of a second.)
     try:
-        return args.func(args)
+        return _main(argv)
     except TaskloomError as exc:
         print(f"taskloom: error: {exc}", file=sys.stderr)
         return 130 if type(exc).__name__ == "Interrupted" else 2
     except KeyboardInterrupt:
         print("taskloom: interrupted", file=sys.stderr)
         return 130
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = _parser()
+    # Overrides may come after flags (`train cfg.yaml --epochs 3 train.lr=0.1`): argparse stops
+    # collecting positionals at the first flag, so pick up the KEY=VALUE leftovers here.
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        print(_commands(parser), file=sys.stderr)
+        return 2
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args.func(args)
+
+
+def _commands(parser: argparse.ArgumentParser) -> str:
+    """What ``taskloom`` with no command prints: the commands, a line each."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    width = max(len(c.dest) for c in sub._choices_actions)
+    lines = [f"  {c.dest:<{width}}  {c.help}" for c in sub._choices_actions]
+    return "\n".join(["taskloom: error: no command given; choose one of:", *lines,
+                      "see: taskloom COMMAND --help, taskloom --version"])
 
 
 if __name__ == "__main__":

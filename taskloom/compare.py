@@ -37,7 +37,7 @@ from taskloom.summary import collect, read_csv, relative_changes, summarize, tra
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare", help="train a grid of architectures x seeds and tabulate them (results.csv, results.md, plots)",
-        description=__doc__.split("\n\n")[0] + " With no GRID: the default MultiMNIST grid (under 15 minutes "
+        description=_plain(__doc__.split("\n\n")[0]) + " With no GRID: the default MultiMNIST grid (under 15 minutes "
                     "on 2 CPU cores).",
     )
     p.add_argument("grid", nargs="?", help="grid YAML (default: the built-in MultiMNIST grid)")
@@ -50,6 +50,13 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                         "(a changed default): stop and list them (default), keep them as they are, or rerun them")
     p.add_argument("--report-only", action="store_true", help="only regenerate results.md and plots from results.csv")
     p.set_defaults(func=_main)
+
+
+def _plain(text: str) -> str:
+    """reST markup out of a docstring for --help: ``code`` -> code, :mod:`x` -> x."""
+    import re
+
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from taskloom.data import DataOptions
 from taskloom.data.multimnist import MultiMNISTOptions
 from taskloom.weighting import FixedOptions, WeightingOptions
 from taskloom.regularizers import RegularizerOptions
+from taskloom.yamlio import _line_map, apply_override, read_yaml  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -347,86 +348,7 @@ def to_dict(config: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- files and overrides
-
-
-def _line_map(text: str) -> dict[str, int]:
-    """Dotted key path -> 1-based line number, for error messages."""
-    lines: dict[str, int] = {}
-
-    def walk(node: yaml.Node, path: str) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, child in node.value:
-                sub = f"{path}.{key.value}" if path else str(key.value)
-                lines[sub] = key.start_mark.line + 1
-                walk(child, sub)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, child in enumerate(node.value):
-                lines[f"{path}.{i}"] = child.start_mark.line + 1
-                walk(child, f"{path}.{i}")
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, "")
-    return lines
-
-
-def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Read a YAML mapping safely; returns it with its key -> line map."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    return data, _line_map(text)
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {override!r}: expected KEY=VALUE, for example train.lr=0.1")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    parts = key.strip().split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif isinstance(child, str):
-            # A tagged shorthand ("split@2") being refined: expand it to its mapping first.
-            child = node[part] = _expand_shorthand(parts[: i + 1], child)
-        elif not isinstance(child, dict):
-            raise ConfigError(
-                f"override {override!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping"
-            )
-        node = child
-    node[parts[-1]] = value
-
-
-def _expand_shorthand(path: list[str], value: str) -> dict[str, Any]:
-    tagged = {("data",): DataOptions, ("model", "backbone"): BackboneOptions,
-              ("model", "architecture"): ArchOptions}
-    base = tagged.get(tuple(path))
-    return base.registry.expand(value) if base else {"name": value}
+# Reading YAML and parsing overrides: taskloom.yamlio (re-exported here).
 
 
 def load(path: str | Path | None = None, overrides: list[str] = ()) -> Config:

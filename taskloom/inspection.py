@@ -40,6 +40,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     from taskloom.errors import ConfigError
 
+    if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
+        raise ConfigError(f"--plot {args.plot}: is a file, not a folder; choose another --plot folder")
     if args.checkpoint.endswith((".yaml", ".yml")):
         model, config, payload, data = build_from_config(args.checkpoint, args.overrides, args.data_root)
     elif args.overrides:
@@ -50,8 +52,11 @@ def _main(args: argparse.Namespace) -> int:
         model, config, payload, data = load_run(args.checkpoint, args.data_root)
     print(inspection_text(model, config, data.tasks, data.input_shape, source=args.checkpoint, payload=payload))
     if args.plot:
-        for path in plot(model, args.plot):
+        written = plot(model, args.plot) if _units(model) else []
+        for path in written:
             print(f"wrote {path}")
+        if not written:
+            print(f"nothing to plot: this network has no mixing units to draw")
     return 0
 
 

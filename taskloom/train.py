@@ -260,11 +260,14 @@ def fit(
     """
     device = resolve_device(train.device)
     ctx = distributed.setup(device.type)
+    run = RunDir(run_dir)
     try:
-        final = _fit(model, data, train, RunDir(run_dir), ctx, device, config=config, seed=seed,
-                     batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-                     resume=resume, force=force, log=log if ctx.is_main else lambda *a: None)
-        ctx.barrier()  # every rank leaves together, after rank 0 has written final.json
+        # One writer per run directory: rank 0 (the only writer under torchrun) holds the lock.
+        with run.lock() if ctx.is_main else contextlib.nullcontext():
+            final = _fit(model, data, train, run, ctx, device, config=config, seed=seed,
+                         batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                         resume=resume, force=force, log=log if ctx.is_main else lambda *a: None)
+            ctx.barrier()  # every rank leaves together, after rank 0 has written final.json
         return final
     finally:
         # Destroy the process group before the interpreter exits: left to interpreter shutdown,
@@ -281,7 +284,7 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run: RunDir, ct
         restore(loop, run, config_dict, force=force)
         log(f"resuming {run.path} at epoch {loop.state['epoch'] + 1}, step {loop.state['step']}")
     if ctx.is_main:
-        run.prepare(config, loop.state["epoch"])
+        run.prepare(config, loop.state["epoch"], log)
     if ctx.enabled:  # wrapped after restore(), so that every rank starts from the checkpoint's weights
         from torch.nn.parallel import DistributedDataParallel
 

@@ -185,3 +185,74 @@ def test_fuzzed_mtfl_annotations_and_images(tmp_path):
                 assert target.name in str(exc) or "training.txt" in str(exc) or "testing.txt" in str(exc), str(exc)
                 outcomes["error"] += 1
     assert outcomes["error"] > 0 and outcomes["ok"] > 0
+
+
+# --------------------------------------------------------------------------- fuzzed command lines (issue 14)
+
+_KEYS = ["seed", "data.root", "data.name", "data.train_pairs", "model.architecture", "model.architecture.name",
+         "model.backbone", "model.backbone.channels", "model.backbone.weights", "train.lr", "train.epochs",
+         "train.schedule", "train.groups.fusion.lr_mult", "train.loss_weights.left", "init.towers.left", "x", ""]
+_VALUES = ["{name: nddr", "[4,", "'a", '"b', "*.jpg", "@w.pt", "%x", "{}", "[]", "null", "~", "-1", "0", "1e309",
+           "nan", "split@2", "split@x", "nddr", "{name: split, at: 9}", "!!python/object:os.system", "&a", "a: b",
+           "2001-02-30", "0x1F", "yes", "- 1", "\t", " ", "=", "é", "\x00"]
+
+
+def _fuzzed_argv(rng: random.Random) -> list[str]:
+    def override() -> str:
+        if rng.random() < 0.2:
+            return "".join(rng.choice("{}[]'\"*&!%@:=., #\tab1") for _ in range(rng.randrange(1, 12)))
+        return f"{rng.choice(_KEYS)}={rng.choice(_VALUES)}"
+
+    command = rng.choice(["train", "train", "train", "eval", "inspect", "data", "compare", "bogus", ""])
+    flags = {"train": ["--epochs", "--seed", "--run-dir", "--device", "--resume", "--force", "--bogus"],
+             "eval": ["--split", "--output", "--device", "--data-root"],
+             "inspect": ["--plot", "--data-root"], "data": ["check"], "compare": ["--jobs", "--seeds"],
+             }.get(command, ["--version-x", "-x"])
+    argv = [command] if command else []
+    if command in ("eval", "inspect"):
+        argv.append(rng.choice(["missing.pt", "missing.yaml", "", "{"]))
+    for _ in range(rng.randrange(0, 5)):
+        if rng.random() < 0.5:
+            argv.append(override())
+        else:
+            argv.append(rng.choice(flags))
+            if rng.random() < 0.7:
+                argv.append(rng.choice(["1", "-3", "x", "cpu", "val", "mtfl", "", *_VALUES[:6]]))
+    if command == "compare":
+        argv.append("--report-only")  # never trains a grid
+    return argv
+
+
+def test_fuzzed_command_lines_give_one_line_errors(tmp_path, monkeypatch, capsys):
+    """No traceback for any command line: a failure is exactly one ``taskloom: error:`` line."""
+    from taskloom.cli import main
+
+    class Reached(Exception):
+        pass
+
+    def no_training(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr("taskloom.experiment.run", no_training)
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(14)
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(300):
+        argv = _fuzzed_argv(rng)
+        try:
+            status = main(argv)
+        except Reached:
+            outcomes["ok"] += 1
+            capsys.readouterr()
+            continue
+        except SystemExit as exc:  # argparse: usage errors, --help, --version
+            status = exc.code
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, (argv, err)
+        if status not in (0, None):
+            errors = [line for line in err.splitlines() if line.startswith("taskloom: error:")]
+            others = [line for line in err.splitlines()
+                      if line.strip() and not line.startswith(("taskloom: error:", "taskloom: warning:", "  ", "see:"))]
+            assert len(errors) == 1 and not others, (argv, err)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 100 and outcomes["ok"] > 5, outcomes

@@ -317,15 +317,18 @@ def build_splits(options: MTFLOptions) -> tuple[dict[str, MTFLFaces], dict[str, 
         raise DataError(f"mtfl: {root} is incomplete: {', '.join(missing)} not found. {HOW_TO_GET}")
     train_all, train_problems = load_split(root, "train", options)
     test, test_problems = load_split(root, "test", options)
+    problems = {"train": train_problems, "test": test_problems}
     if len(train_all) <= options.val_size:
-        raise DataError(
+        error = DataError(
             f"mtfl: only {len(train_all)} usable training images, not more than data.val_size={options.val_size}"
         )
+        error.counts, error.problems, error.root = {"train": len(train_all), "val": 0, "test": len(test)}, problems, root
+        raise error
     val_idx = validation_index(train_all.paths, options.val_size)
     train_idx = np.setdiff1d(np.arange(len(train_all)), val_idx)
     splits = {"train": train_all.subset(train_idx, flip=options.flip), "val": train_all.subset(val_idx),
               "test": test.subset(np.arange(len(test)))}
-    return splits, {"train": train_problems, "test": test_problems}, root
+    return splits, problems, root
 
 
 def make_tasks(options: MTFLOptions) -> list:
@@ -355,14 +358,20 @@ def build_mtfl(options: MTFLOptions) -> DataBundle:
 def check(options: MTFLOptions) -> dict:
     """Everything ``taskloom data check mtfl`` prints."""
     started = time.perf_counter()
-    splits, problems, root = build_splits(options)
+    try:
+        splits, problems, root = build_splits(options)
+        sizes, counts, fatal = {k: len(v) for k, v in splits.items()}, {k: v.class_counts() for k, v in splits.items()}, []
+    except DataError as exc:  # too few images for the validation split: still list the malformed lines
+        if not hasattr(exc, "counts"):
+            raise
+        sizes, counts, fatal, problems, root = exc.counts, {}, [str(exc)], exc.problems, exc.root
     found = problems["train"] + problems["test"]
     return {
         "root": str(root),
-        "files": {"training.txt": len(splits["train"]) + len(splits["val"]), "testing.txt": len(splits["test"])},
-        "splits": {k: len(v) for k, v in splits.items()},
-        "class_counts": {k: v.class_counts() for k, v in splits.items()},
+        "files": {"training.txt": sizes["train"] + sizes["val"], "testing.txt": sizes["test"]},
+        "splits": sizes,
+        "class_counts": counts,
         "skipped": [str(p) for p in found] if options.skip_malformed else [],
-        "errors": [] if options.skip_malformed else [str(p) for p in found],
+        "errors": ([] if options.skip_malformed else [str(p) for p in found]) + fatal,
         "seconds": time.perf_counter() - started,
     }
