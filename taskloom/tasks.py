@@ -443,6 +443,8 @@ class _DenseTask(Task):
     """A per-pixel task; the dataset sets :attr:`output_size` ``(H, W)`` (the head upsamples to it)."""
 
     out_channels: ClassVar[int] = 1
+    head_options = None
+    """Options of the dense head (``model.heads.<task>``, :mod:`taskloom.heads`); ``None``: FCN."""
 
     def __init__(self, name: str, output_size: tuple[int, int] | None = None):
         super().__init__(name)
@@ -451,6 +453,9 @@ class _DenseTask(Task):
     def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
         if self.output_size is None:
             raise ValueError(f"task {self.name!r}: output_size (H, W) must be set before building the head")
+        if self.head_options is not None:  # model.heads.<task> (taskloom.heads): fcn, aspp, ...
+            from taskloom.heads import build_dense_head
+            return build_dense_head(self.head_options, feature_shape, self.out_channels, self.output_size)
         return DenseHead(feature_shape, self.out_channels, self.output_size)
 
 
