@@ -258,8 +258,11 @@ def collect(jobs: list[Job]) -> list[dict[str, Any]]:
                                "baseline": job.baseline,
                                "run_dir": str(job.run_dir), "params": final["params"],
                                "seconds": final["seconds"], "task_info": json.dumps(final.get("task_info", {}))}
+        on_val = final.get("scored_on_val") or {}  # tasks without test labels: validation metrics
+        if on_val:
+            row["val_scored"] = ",".join(sorted(on_val))
         for task, metrics in final["tasks"].items():
-            for metric, value in metrics.items():
+            for metric, value in on_val.get(task, metrics).items():
                 row[f"{task}/{metric}"] = json.dumps(value) if isinstance(value, list) else value
         rows.append(row)
     return rows
@@ -343,15 +346,19 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         reference = sum(task_params.get(base, {}).get(t, math.nan) for t in own) if own else single_params.get(base)
         entry["param_ratio"] = entry["params"] / reference if reference else math.nan
         table[label] = entry
-    return {"tasks": info, "table": table}
+    val_scored = sorted({t for r in rows for t in str(r.get("val_scored") or "").split(",") if t})
+    return {"tasks": info, "table": table, "val_scored": val_scored}
 
 
 def delta_m(row: dict[str, Any], info: dict[str, Any], single: dict[str, dict[str, float]]) -> float:
     """REFERENCE §6: mean over tasks of the signed relative change of the primary metric, in %."""
     own = row.get("task_info")
     own = own if isinstance(own, dict) and own else info  # a run on a subset of the tasks: its own
+    on_val = set(str(row.get("val_scored") or "").split(","))  # no test labels: not in delta_m on test
     terms = []
     for task in own:
+        if task in on_val:
+            continue
         meta = info[task]
         primary = meta["primary"]
         if task not in single or row.get(f"{task}/{primary}") is None:
@@ -377,7 +384,9 @@ def render_markdown(summary: dict[str, Any], title: str = "Comparison") -> str:
               if label != e["baseline"] and not math.isnan(e["delta_m"][0])]
     if scored:
         best["delta_m"] = max(scored)[1]
-    header = ["architecture", *[f"{t} {m} {'↑' if info[t]['higher_is_better'][m] else '↓'}" for t, m in columns],
+    on_val = set(summary.get("val_scored") or [])
+    header = ["architecture", *[f"{t} {m}{' (val)' if t in on_val else ''} {'↑' if info[t]['higher_is_better'][m] else '↓'}"
+                                for t, m in columns],
               "Δm % ↑", "params", "× single", "seconds", "seeds"]
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, e in table.items():
@@ -395,6 +404,9 @@ def render_markdown(summary: dict[str, Any], title: str = "Comparison") -> str:
               "task's primary metric vs the single-task networks of the same backbone; × single: parameters / sum "
               "of those single-task networks' parameters; seconds: training wall time per run (single-task: all "
               "its networks). Best per column in bold."]
+    if on_val:
+        lines += ["", f"{', '.join(sorted(on_val))}: no labels in the test split; marked (val), these columns are the "
+                  f"selected checkpoint on the validation split, and Δm (on test) leaves them out."]
     return "\n".join(lines) + "\n"
 
 

@@ -477,6 +477,11 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run_dir: str | 
              "config": str(run_dir / "config.yaml") if config is not None else None,
              "split": "test", "best_epoch": state["best_epoch"], "checkpoint": str(ckpt_dir / "best.pt"),
              "task_info": task_info(tasks)}
+    if any(test[t.name]["count"] == 0 for t in tasks):
+        # Tasks without a single test label (the pets head boxes): the selected checkpoint's
+        # validation metrics, kept apart (``scored_on_val``) and left out of delta_m on test.
+        val_best, _ = evaluate_split(data.val)
+        final["scored_on_val"] = {t.name: val_best[t.name] for t in tasks if test[t.name]["count"] == 0}
     if ctx.is_main:
         (run_dir / "final.json").write_text(json.dumps(final, indent=2) + "\n", encoding="utf-8")
     return final
@@ -519,6 +524,8 @@ def build_experiment(config: Config, log=lambda *a: None) -> tuple[DataBundle, n
     from taskloom.regularizers import attach_regularizer
 
     data = build_data(config.data)
+    from taskloom.heads import apply_heads
+    apply_heads(data.tasks, config.model.heads)  # model.heads: each dense task's head (fcn, aspp)
     model = build_model(config.model.architecture, config.model.backbone, data.tasks, data.input_shape)
     if config.init.towers:  # (a resumed run then loads its own checkpoint over these)
         from taskloom.models import init_towers

@@ -206,3 +206,4 @@ from taskloom.data import nyuv2  # noqa: E402,F401
 from taskloom.data import cifar100  # noqa: E402,F401
 from taskloom.data import manifest  # noqa: E402,F401
 from taskloom.data import mix  # noqa: E402,F401
+from taskloom.data import pets  # noqa: E402,F401
