@@ -49,7 +49,7 @@ from taskloom.data import DATASETS, DataBundle, DataOptions, resolve_root
 from taskloom.errors import DataError
 from taskloom.tasks import BinaryTask, ClassificationTask, SegmentationTask
 
-FOLDER = "pets"
+FOLDER = "pets-sample"  # $TASKLOOM_DATA/pets-sample: the 3-breed sample in ../shared/data (the full release: --data-root)
 HOW_TO_GET = (
     "Expected images/, trimaps/, list.txt, trainval.txt, test.txt and heads.csv (or the release's xmls/) of "
     "the Oxford-IIIT Pet dataset (Parkhi et al., CVPR 2012; 'images.tar.gz' and 'annotations.tar.gz' from the "
