@@ -1,8 +1,11 @@
 """Box regression: one axis-aligned box per image (the ``box`` task kind).
 
 Output and target ``(N, 4)``: ``(x_min, y_min, x_max, y_max)`` normalised by the image width and
-height (so ``[0, 1]``). The head is global average pooling, a linear layer and a sigmoid (boxes
-stay inside the image). A target with any ``NaN`` coordinate is missing (partially labelled data).
+height (so ``[0, 1]`` for boxes inside the image). The head is global average pooling and a linear
+layer predicting the box's centre and size through a sigmoid (DETR's parametrisation), turned into
+corners: at initialisation every prediction is the centred box of half the image's width and
+height, not a degenerate one. A target with any ``NaN`` coordinate is missing (partially labelled
+data).
 
 Loss: ``l1`` (mean absolute coordinate error, default) or ``l1_giou`` (L1 plus ``1 - GIoU``,
 the DETR recipe). Metrics: ``miou`` (mean IoU of predicted and true boxes, the primary),
@@ -48,7 +51,8 @@ class _BoxHead(nn.Module):
         self.linear = _FlatLinear(feature_shape, 4)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.linear(x))
+        cx, cy, w, h = torch.sigmoid(self.linear(x)).unbind(-1)  # centre and size in (0, 1)
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
 
 
 def _box_metrics():

@@ -122,6 +122,18 @@ def _create(options: TimmOptions, in_chans: int, pretrained_file: str | None = N
         raise ConfigError(f"model.backbone: timm cannot build {options.model!r} with {sorted(kwargs)}: {exc}") from None
 
 
+def _structure(options: TimmOptions, **extra) -> nn.Module:
+    """The model without real weights (on the meta device: no memory, no initialisation cost;
+    on the CPU for the few models whose construction needs real tensors)."""
+    try:
+        with torch.device("meta"):
+            return _create(options, 3, **extra)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001
+        return _create(options, 3, **extra)
+
+
 _PLAIN: dict[tuple, str | None] = {}
 
 
@@ -133,8 +145,7 @@ def _plain_features(options: TimmOptions) -> None:
         from timm.models import FeatureDictNet
 
         try:
-            with torch.device("meta"):  # structure only: no memory, no initialisation cost
-                features = _create(options, 3, features_only=True)
+            features = _structure(options, features_only=True)
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - timm raises many kinds for unsupported models
@@ -158,9 +169,7 @@ def feature_points(options: TimmOptions) -> list[dict]:
     key = (options.model, options.output_stride, tuple(options.out_indices or ()))
     if key not in _INFO:
         _plain_features(options)
-        with torch.device("meta"):
-            model = _create(options, 3)
-        _INFO[key] = _select(options, model)
+        _INFO[key] = _select(options, _structure(options))
     return _INFO[key]
 
 

@@ -133,7 +133,10 @@ def test_box_iou_loss_and_metrics():
     assert giou.loss(a[:2], b[:2]) > task.loss(a[:2], b[:2])
     head = task.build_head((8, 2, 2))
     out = head(torch.randn(5, 8, 2, 2))
-    assert out.shape == (5, 4) and (out > 0).all() and (out < 1).all()
+    assert out.shape == (5, 4) and (out[:, 2:] > out[:, :2]).all()  # corners from a centre and a positive size
+    torch.nn.init.zeros_(head.linear.fc.weight)
+    torch.nn.init.zeros_(head.linear.fc.bias)
+    assert torch.allclose(head(torch.randn(2, 8, 2, 2)), torch.tensor([[0.25, 0.25, 0.75, 0.75]] * 2))
 
 
 # --------------------------------------------------------------------------- pretrained + dense, every architecture
