@@ -157,6 +157,7 @@ def render() -> str:
     for title, base, prefix in (("data", cfg.DataOptions, "data."),
                                 ("model.backbone", cfg.BackboneOptions, "model.backbone."),
                                 ("model.architecture", cfg.ArchOptions, "model.architecture."),
+                                ("model.heads.TASK", cfg.DenseHeadOptions, "model.heads.TASK."),
                                 ("train.weighting", cfg.WeightingOptions, "train.weighting.")):
         registry_section(title, base, prefix, out)
     return "\n".join(out).rstrip() + "\n"

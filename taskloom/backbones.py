@@ -31,6 +31,11 @@ class BackboneOptions:
     registry: ClassVar[Registry] = BACKBONES
     name: str = ""
 
+    def known_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]] | None:
+        """Stage output shapes known without building and running the stages (timm's
+        ``feature_info``); ``None`` (the default): :class:`Backbone` finds them by a dry run."""
+        return None
+
 
 class Backbone:
     """A backbone recipe bound to an input shape: builds towers and knows stage shapes."""
@@ -39,7 +44,8 @@ class Backbone:
         self.options = options
         self.input_shape = tuple(input_shape)
         self._builder = BACKBONES[options.name].builder
-        self.shapes = stage_shapes(self.build(), self.input_shape)
+        known = options.known_shapes(self.input_shape)
+        self.shapes = known if known is not None else stage_shapes(self.build(), self.input_shape)
 
     @property
     def num_stages(self) -> int:
@@ -162,6 +168,11 @@ class ResNetOptions(TorchvisionOptions):
     stem: Literal["imagenet", "small"] = "imagenet"
     """``imagenet``: 7x7 stride-2 conv + max pool (as torchvision). ``small``: a 3x3 stride-1
     conv and no max pool (CIFAR-style, for 32-36 px inputs), pretrained conv1 weights dropped."""
+    output_stride: Literal[8, 16, 32] = 32
+    """Input size / last stage's size (with the ``imagenet`` stem). 16: layer4's stride becomes a
+    dilation of 2; 8: layer3 and layer4 dilated (DeepLab's ``replace_stride_with_dilation``). Same
+    parameters, so pretrained weights load unchanged. Bottleneck ResNets (50, 101) only:
+    torchvision's BasicBlock (ResNet-18/34) does not support dilation."""
 
 
 @dataclasses.dataclass
@@ -263,7 +274,14 @@ def _adapt_first_conv(conv: nn.Conv2d, channels: int, **changes) -> nn.Conv2d:
 def _torchvision_resnet(options: ResNetOptions, input_shape: tuple[int, ...]) -> list[nn.Module]:
     import torchvision
 
-    model = getattr(torchvision.models, options.name)(weights=None)
+    dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[options.output_stride]
+    if any(dilate) and options.name in ("resnet18", "resnet34"):
+        from taskloom.errors import ConfigError
+
+        raise ConfigError(
+            f"model.backbone.output_stride: {options.output_stride} needs dilated convolutions, which torchvision's "
+            f"BasicBlock ({options.name}) does not support; use resnet50 or resnet101, or output_stride: 32")
+    model = getattr(torchvision.models, options.name)(weights=None, replace_stride_with_dilation=dilate)
     if options.weights:
         _load_weights(model, options, options.name)
     channels = input_shape[0]

@@ -138,6 +138,9 @@ def _print_final(final: dict) -> None:
 
     print(metrics_table(final["tasks"]))
     print(f"parameters: {final['params']:,}   split: {final['split']}")
+    if final.get("scored_on_val"):  # tasks without test labels: the same checkpoint on validation
+        print(metrics_table(final["scored_on_val"]))
+        print(f"split: val ({', '.join(final['scored_on_val'])}: no labels in the test split)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,8 @@ from taskloom.data.multimnist import MultiMNISTOptions
 from taskloom.weighting import FixedOptions, WeightingOptions
 from taskloom.regularizers import RegularizerOptions
 from taskloom.yamlio import _line_map, apply_override, read_yaml  # noqa: F401  (re-exported)
+from taskloom.heads import DenseHeadOptions
+from taskloom import timm_backbones  # noqa: F401  (registers backbone 'timm'; timm itself loads on use)
 
 
 @dataclasses.dataclass
@@ -145,6 +147,9 @@ class ModelConfig:
     regularizer: RegularizerOptions | None = None
     """Tower-weight regulariser between corresponding tower weights (REFERENCE §4);
     ``null``: none. For example ``{kind: affine_exp, weight: 1.0}``."""
+    heads: dict[str, DenseHeadOptions] = dataclasses.field(default_factory=dict)
+    """Dense head per dense task (``taskloom.heads``): ``{segmentation: {name: aspp, rates: [1, 2, 3]}}``;
+    dense tasks not listed get the ``fcn`` head. Only segmentation, normals and depth tasks take one."""
 
 
 @dataclasses.dataclass

@@ -14,38 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taskloom.heads import DenseHead, DenseHeadOptions, FCNHeadOptions  # noqa: F401  (DenseHead: part of this module's API)
+from taskloom.heads import build_dense_head as dense_head
 from taskloom.tasks import Task, mean_of_softmax, register_task_kind
 
 if TYPE_CHECKING:
     import torchmetrics
 
 
-class DenseHead(nn.Module):
-    """FCN-style head: 3x3 conv + BN + ReLU, 1x1 conv to ``out_channels``, bilinear upsampling to
-    ``output_size``. Works on the last stage of any backbone whose output is a feature map."""
-
-    def __init__(self, feature_shape: tuple[int, ...], out_channels: int, output_size: tuple[int, int],
-                 hidden: int | None = None):
-        super().__init__()
-        c = feature_shape[0]
-        hidden = hidden or max(32, min(256, c))
-        self.body = nn.Sequential(nn.Conv2d(c, hidden, 3, padding=1, bias=False), nn.BatchNorm2d(hidden),
-                                  nn.ReLU(inplace=True), nn.Conv2d(hidden, out_channels, 1))
-        self.output_size = tuple(output_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.interpolate(self.body(x), size=self.output_size, mode="bilinear", align_corners=False)
-
-
-def build_dense_head(feature_shape: tuple[int, ...], out_channels: int, output_size: tuple[int, int]) -> nn.Module:
-    """The head of every dense task: ``(C, H, W)`` features -> ``(out_channels, *output_size)``.
-    The one place a dense head is chosen and built (today always :class:`DenseHead`)."""
-    if len(feature_shape) != 3:
-        raise ValueError(
-            f"a dense (per-pixel) head needs a spatial feature map (C, H, W), got features of shape "
-            f"{feature_shape}; use a backbone whose last stage is convolutional"
-        )
-    return DenseHead(feature_shape, out_channels, output_size)
+def build_dense_head(feature_shape: tuple[int, ...], out_channels: int, output_size: tuple[int, int],
+                     options: DenseHeadOptions | None = None) -> nn.Module:
+    """The head of a dense task: ``(C, H, W)`` features -> ``(out_channels, *output_size)``.
+    The one place a dense head is built: ``options`` (``model.heads.<task>``) picks it from
+    :data:`taskloom.heads.DENSE_HEADS`; ``None``: the FCN head."""
+    return dense_head(options or FCNHeadOptions(), feature_shape, out_channels, output_size)
 
 
 class DenseTask(Task):
@@ -54,6 +36,9 @@ class DenseTask(Task):
     (the labelled pixels) and :meth:`~taskloom.tasks.Task.labelled_loss`."""
 
     out_channels: ClassVar[int] = 1
+    head_options: DenseHeadOptions | None = None
+    """This task's head (``model.heads.<task>``, set by :func:`taskloom.heads.apply_heads`);
+    ``None``: the FCN head."""
 
     def __init__(self, name: str, output_size: tuple[int, int] | None = None):
         super().__init__(name)
@@ -62,7 +47,7 @@ class DenseTask(Task):
     def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
         if self.output_size is None:
             raise ValueError(f"task {self.name!r}: output_size (H, W) must be set before building the head")
-        return build_dense_head(feature_shape, self.out_channels, self.output_size)
+        return build_dense_head(feature_shape, self.out_channels, self.output_size, self.head_options)
 
     def labelled(self, target: Tensor) -> Tensor:
         """Every sample: missing targets are marked per pixel, and the loss skips those pixels."""

@@ -22,6 +22,7 @@ from taskloom.architectures import build_model
 from taskloom.config import Config, from_dict
 from taskloom.data import DataBundle, build_data
 from taskloom.errors import CheckpointError, ConfigError
+from taskloom.heads import apply_heads
 from taskloom.models import MultiTaskNet, configure_towers
 from taskloom.regularizers import attach_regularizer
 from taskloom.tasks import Task
@@ -32,6 +33,7 @@ def build_experiment(config: Config, log=lambda *a: None) -> tuple[DataBundle, n
     """The data and model a config describes: dataset, network, tower initialisation
     (``init.towers``) and regulariser. Used by ``train``, ``eval`` and ``inspect`` alike."""
     data = build_data(config.data)
+    apply_heads(data.tasks, config.model.heads)  # model.heads: each dense task's head (fcn, aspp)
     model = build_model(config.model.architecture, config.model.backbone, data.tasks, data.input_shape)
     if config.init.towers:  # (a resumed run then loads its own checkpoint over these)
         init_towers(model, config.init.towers, data.tasks, data.input_shape, log)

@@ -33,8 +33,11 @@ def collect(jobs: list[Job]) -> list[dict[str, Any]]:
                                "baseline": job.baseline,
                                "run_dir": str(job.run_dir), "params": final["params"],
                                "seconds": final["seconds"], "task_info": json.dumps(final.get("task_info", {}))}
+        on_val = final.get("scored_on_val") or {}  # tasks without test labels: validation metrics
+        if on_val:
+            row["val_scored"] = ",".join(sorted(on_val))
         for task, metrics in final["tasks"].items():
-            for metric, value in metrics.items():
+            for metric, value in on_val.get(task, metrics).items():
                 row[f"{task}/{metric}"] = json.dumps(value) if isinstance(value, list) else value
         rows.append(row)
     return rows
@@ -115,7 +118,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     refs = _references(rows, info)
     labels = list(dict.fromkeys(r["label"] for r in rows))
     table = {label: _entry([r for r in rows if r["label"] == label], info, refs) for label in labels}
-    return {"tasks": info, "table": table}
+    val_scored = sorted({t for r in rows for t in str(r.get("val_scored") or "").split(",") if t})
+    return {"tasks": info, "table": table, "val_scored": val_scored}
 
 
 def _entry(runs: list[dict[str, Any]], info: dict[str, Any], refs: dict[str, dict[str, dict]]) -> dict[str, Any]:
@@ -155,7 +159,10 @@ def relative_change(value: float, reference: float, higher_is_better: bool) -> f
 def delta_m(row: dict[str, Any], info: dict[str, Any], single: dict[str, dict[str, float]]) -> float:
     """REFERENCE §6: mean over tasks of the signed relative change of the primary metric, in %."""
     terms = []
+    on_val = set(str(row.get("val_scored") or "").split(","))  # no test labels: not in delta_m on test
     for task in _own_tasks(row, info):
+        if task in on_val:
+            continue
         primary = info[task]["primary"]
         if task not in single or row.get(f"{task}/{primary}") is None:
             return math.nan

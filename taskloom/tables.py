@@ -48,7 +48,9 @@ def results_markdown(summary: dict[str, Any], title: str = "Comparison", images:
     info, table = summary["tasks"], summary["table"]
     columns = _columns(info, table)
     best = _best(info, table, columns)
-    header = ["architecture", *[f"{t} {m} {'↑' if info[t]['higher_is_better'][m] else '↓'}" for t, m in columns],
+    on_val = set(summary.get("val_scored") or [])
+    header = ["architecture", *[f"{t} {m}{' (val)' if t in on_val else ''} {'↑' if info[t]['higher_is_better'][m] else '↓'}"
+                                for t, m in columns],
               "Δm % ↑", "params", "× single", "seconds", "seeds"]
     lines = [f"# {title}", ""]
     if HEATMAP in images:
@@ -66,6 +68,9 @@ def results_markdown(summary: dict[str, Any], title: str = "Comparison", images:
         cells += [f"{e['params']:,.0f}", f"{e['param_ratio']:.2f}", f"{e['seconds'][0]:.0f}", str(e["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", NOTE]
+    if on_val:
+        lines += ["", f"{', '.join(sorted(on_val))}: no labels in the test split; marked (val), these columns are the "
+                  f"selected checkpoint on the validation split, and Δm (on test) leaves them out."]
     others = [name for name in images if name != HEATMAP]
     if others:
         lines += ["", "Plots: " + ", ".join(f"[{name}]({name})" for name in others) + "."]

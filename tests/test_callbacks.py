@@ -11,7 +11,7 @@ from taskloom.backbones import LeNetOptions
 from taskloom.callbacks import Callback, Checkpointer, Loop, ProgressBar, restore
 from taskloom.config import TrainConfig
 from taskloom.errors import ConfigError
-from taskloom.models import SingleOptions, build_model
+from taskloom.architectures import SingleOptions, build_model
 from taskloom.optim import Precision, build_optimizer, build_scheduler
 from taskloom.rundir import RunDir
 from taskloom.tasks import ClassificationTask

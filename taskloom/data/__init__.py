@@ -205,3 +205,4 @@ from taskloom.data import cifar100  # noqa: E402,F401
 from taskloom.data import manifest  # noqa: E402,F401
 from taskloom.data import mix  # noqa: E402,F401
 from taskloom.data import packed  # noqa: E402,F401
+from taskloom.data import pets  # noqa: E402,F401

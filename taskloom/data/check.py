@@ -27,10 +27,11 @@ def register_cli(sub) -> None:
                     "class counts per attribute and split, malformed entries by name and the number of errors. "
                     "Exit status 1 if there are errors.",
         epilog="examples:\n  taskloom data check mtfl --data-root ../shared/data/mtfl\n"
-               "  taskloom data check utkface --data-root ../shared/data/utkface64 -o skip_malformed=false",
+               "  taskloom data check utkface --data-root ../shared/data/utkface64 -o skip_malformed=false\n"
+               "  taskloom data check pets --data-root ../shared/data/pets-sample",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("name", help="dataset name (mtfl, utkface, nyuv2, cifar100, multimnist)")
+    check.add_argument("name", help="dataset name (mtfl, utkface, pets, nyuv2, cifar100, multimnist)")
     check.add_argument("-o", "--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                        help="a dataset option (repeatable), e.g. -o skip_malformed=false")
     check.add_argument("--data-root", help="folder of the dataset's files (data.root)")
