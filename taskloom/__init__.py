@@ -10,6 +10,10 @@ from taskloom.data import DATASETS, DataBundle, DataOptions, build_data
 from taskloom.data.multimnist import MultiMNISTOptions
 from taskloom.errors import CheckpointError, ConfigError, DataError, TaskloomError
 from taskloom.experiment import run
+from taskloom.gated import ExpertStage, GatedMixer, MTANStage
+from taskloom.gated_architectures import (  # importing it registers the gated architectures
+    AdaTTOptions, CGCOptions, GatedOptions, MMoEOptions, MTANOptions, PLEOptions,
+)
 from taskloom.mixers import NDDR, CrossShortcut, CrossStitch, Mixer, Sluice
 from taskloom.models import MultiTaskModel, MultiTaskNet
 from taskloom.tasks import ClassificationTask, Task
