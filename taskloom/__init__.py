@@ -14,6 +14,7 @@ from taskloom.gated import ExpertStage, GatedMixer, MTANStage
 from taskloom.gated_architectures import (  # importing it registers the gated architectures
     AdaTTOptions, CGCOptions, GatedOptions, MMoEOptions, MTANOptions, PLEOptions,
 )
+from taskloom.jd import JDOptions, JDWeighting  # registers the 'jd' weighting
 from taskloom.mixers import NDDR, CrossShortcut, CrossStitch, Mixer, Sluice
 from taskloom.models import MultiTaskModel, MultiTaskNet
 from taskloom.tasks import ClassificationTask, Task
