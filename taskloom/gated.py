@@ -185,7 +185,8 @@ class Attention(nn.Module):
 
     Map outputs: 1x1 conv + BN + ReLU, 1x1 conv + BN, sigmoid, then average-pooled to the stage
     output's size (the paper's ``f`` resizing, moved to the mask). Flat outputs: the input is
-    pooled and two linear layers replace the 1x1 convs.
+    pooled and two linear layers replace the 1x1 convs, the first as wide as the stage's input
+    (a fully connected stage's output is wide: ``C_out x C_out`` would outweigh the stage itself).
     """
 
     param_kind = "fusion"
@@ -196,7 +197,7 @@ class Attention(nn.Module):
         cout = out_shape[0]
         self.flat = len(out_shape) == 1
         if self.flat:
-            self.net = nn.Sequential(nn.Linear(cin, cout), nn.ReLU(), nn.Linear(cout, cout))
+            self.net = nn.Sequential(nn.Linear(cin, in_channels), nn.ReLU(), nn.Linear(in_channels, cout))
         else:
             self.net = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout), nn.ReLU(),
                                      nn.Conv2d(cout, cout, 1), nn.BatchNorm2d(cout))
