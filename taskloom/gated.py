@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from taskloom.mixers import Mixer, _diag_blocks
+from taskloom.mixers import Mixer, _diag_blocks, convex_init
 
 
 def pool(x: Tensor) -> Tensor:
@@ -76,8 +76,6 @@ class GatedMixer(Mixer):
     def __init__(self, num_tasks: int, channels: int, softmax: bool = True, constant: bool = False,
                  alpha_same: float = 0.9):
         super().__init__(num_tasks)
-        from taskloom.mixers import convex_init
-
         self.channels, self.constant = channels, constant
         init = convex_init(num_tasks, alpha_same)
         logits = init.clamp_min(1e-6).log() if softmax else init
