@@ -32,7 +32,8 @@ from taskloom.weighting import FixedOptions, WeightingOptions
 from taskloom.regularizers import RegularizerOptions
 from taskloom.yamlio import _line_map, apply_override, read_yaml  # noqa: F401  (re-exported)
 from taskloom.heads import DenseHeadOptions
-from taskloom import timm_backbones  # noqa: F401  (registers backbone 'timm'; timm itself loads on use)
+from taskloom import gated_architectures, jd, timm_backbones  # noqa: F401  (register the gated architectures, the 'jd'
+# weighting and the 'timm' backbone; timm and torchjd themselves load on use)
 
 
 @dataclasses.dataclass

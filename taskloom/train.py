@@ -325,8 +325,8 @@ def _setup(model: nn.Module, train: TrainConfig, ctx: distributed.Context,
     the static loss weights (``train.loss_weights``, 1 by default)."""
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
-    if ctx.enabled and train.weighting.name in ("gradnorm", "pcgrad"):
-        # Both take per-task gradients with torch.autograd.grad, which bypasses DDP's
+    if ctx.enabled and train.weighting.name in ("gradnorm", "pcgrad", "jd"):
+        # All take per-task gradients (torch.autograd.grad, TorchJD's Jacobians), which bypass DDP's
         # gradient all-reduce: ranks would silently diverge.
         raise ConfigError(f"train.weighting: {train.weighting.name!r} is not supported under torchrun yet; "
                           f"use fixed, uncertainty or dwa, or train on one process")
