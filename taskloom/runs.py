@@ -1,15 +1,22 @@
 """Running a grid's jobs: an execution backend, retries, and resume against stored configs.
 
-:func:`run_jobs` hands each unfinished :class:`~taskloom.grid.Job` to a *backend* and retries a
-failed job once (it resumes from its last checkpoint). A backend has three methods:
+:func:`run_jobs` hands each unfinished :class:`~taskloom.grid.Job` to a *backend*, reports one
+line per finished run, and returns the runs that failed (with their errors) once every other
+run is done. A backend has three methods and two attributes:
 
-* ``submit(job) -> handle``: start the job (``taskloom train`` into ``job.run_dir``);
-* ``wait(handles) -> [(handle, exit status), ...]``: block until at least one of ``handles``
-  has finished, and return the finished ones;
-* ``cancel(handles)``: stop the given jobs (started or queued).
+* ``submit(job) -> handle``: start the job (train ``job.config`` into ``job.run_dir``, resuming
+  from ``job.run_dir/checkpoints/last.pt`` when there is one);
+* ``wait(handles) -> [(handle, error), ...]``: block until at least one of ``handles`` has
+  finished, and return the finished ones; ``error`` is ``None`` for a run that succeeded, else
+  one line saying why it failed;
+* ``cancel(handles)``: stop the given jobs (started or queued); finished runs are not touched;
+* ``resubmit``: how many times :func:`run_jobs` submits a failed job again (a backend whose
+  engine retries by itself says 0);
+* ``description``: where the jobs run, for the first line of the log.
 
-:class:`LocalBackend` runs jobs as subprocesses on this machine, ``workers`` at a time. A
-cluster backend (Ray, Dask, a batch scheduler) only has to implement the same three methods.
+``close()``, when a backend has it, is called once :func:`run_jobs` is done with a backend it
+created. :class:`LocalBackend` runs jobs as ``taskloom train`` subprocesses on this machine;
+:class:`taskloom.cluster.DaskBackend` runs each job as a task of a Dask cluster.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol, Union
 
 import yaml
 
@@ -29,20 +36,33 @@ from taskloom.grid import Job
 
 
 class Backend(Protocol):
+    resubmit: int
+    description: str
+
     def submit(self, job: Job) -> Any: ...
 
-    def wait(self, handles: list[Any]) -> list[tuple[Any, int]]: ...
+    def wait(self, handles: list[Any]) -> list[tuple[Any, str | None]]: ...
 
     def cancel(self, handles: list[Any]) -> None: ...
 
 
+class Failed(NamedTuple):
+    """A run that failed for good: its job and the last error."""
+
+    job: Job
+    error: str
+
+
 class LocalBackend:
     """Jobs as ``taskloom train`` subprocesses on this machine, ``workers`` at a time, the CPU
-    threads split evenly among them. A handle is a :class:`concurrent.futures.Future` of the
+    threads split evenly among them; a failed job is submitted again ``retries`` times (it
+    resumes from its last checkpoint). A handle is a :class:`concurrent.futures.Future` of the
     exit status."""
 
-    def __init__(self, workers: int = 1, threads: int | None = None):
+    def __init__(self, workers: int = 1, threads: int | None = None, retries: int = 1):
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        self.resubmit = retries
+        self.description = f"{workers} local process(es) of {self.threads} thread(s)"
         self._pool = ThreadPoolExecutor(max_workers=workers)
         self._jobs: dict[Future, Job] = {}
         self._procs: dict[Path, subprocess.Popen] = {}
@@ -54,9 +74,18 @@ class LocalBackend:
         self._jobs[handle] = job
         return handle
 
-    def wait(self, handles: list[Future]) -> list[tuple[Future, int]]:
+    def wait(self, handles: list[Future]) -> list[tuple[Future, str | None]]:
         done, _ = wait_futures(handles, return_when=FIRST_COMPLETED)
-        return [(h, -1 if h.cancelled() else h.result()) for h in handles if h in done]
+        return [(h, self._error(h)) for h in handles if h in done]
+
+    def _error(self, handle: Future) -> str | None:
+        if handle.cancelled():
+            return "cancelled"
+        code = handle.result()
+        if code == 0:
+            return None
+        log = self._jobs[handle].run_dir / "log.txt"
+        return f"exit {code}" + (f": {_last_line(log)}" if _last_line(log) else "") + f" (see {log})"
 
     def cancel(self, handles: list[Future]) -> None:
         with self._lock:
@@ -80,11 +109,19 @@ class LocalBackend:
                 proc.terminate()
 
 
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a log file ('' if there is none)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
 def launch(job: Job, threads: int, started: Callable[[Job, Any], None] = lambda job, proc: None) -> int:
     """Train one job in a subprocess (resuming from its last checkpoint if it has one); return
     the exit status. Writes ``job.yaml`` (the resolved config) and appends to ``log.txt``."""
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    job.stored_config.write_text(yaml.safe_dump(job.config, sort_keys=False), encoding="utf-8")
+    write_job_config(job.config, job.run_dir)
     cmd = [sys.executable, "-m", "taskloom", "train", str(job.stored_config), "--run-dir", str(job.run_dir)]
     if (job.run_dir / "checkpoints" / "last.pt").is_file():
         cmd.append("--resume")
@@ -100,39 +137,70 @@ def launch(job: Job, threads: int, started: Callable[[Job, Any], None] = lambda 
             started(job, None)
 
 
-def run_jobs(jobs: list[Job], workers: int, resume: bool, log=print, backend: Backend | None = None) -> list[Job]:
-    """Run the unfinished jobs on ``backend`` (default: :class:`LocalBackend` with ``workers``);
-    retry each failed job once; return the jobs that failed twice. Without ``resume``, a run root
-    that already holds runs of these jobs is refused."""
+def write_job_config(config: dict[str, Any], run_dir: Path) -> Path:
+    """Create ``run_dir`` and write the job's resolved config to ``run_dir/job.yaml``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "job.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+BackendSpec = Union[Backend, Callable[[], Backend], None]
+
+
+def run_jobs(jobs: list[Job], workers: int = 1, resume: bool = False, log=print,
+             backend: BackendSpec = None) -> list[Failed]:
+    """Run the unfinished jobs on ``backend`` and return the runs that failed for good.
+
+    ``backend``: a backend, a function that makes one (called only when something is left to
+    run; the backend is closed at the end), or ``None`` for a :class:`LocalBackend` with
+    ``workers``. A failed job is submitted again ``backend.resubmit`` times (it resumes from its
+    last checkpoint); a run that still fails is logged with its error and the others go on.
+    On an interrupt (Ctrl-C) the outstanding jobs are cancelled and finished runs stay as they
+    are. Without ``resume``, a run root that already holds runs of these jobs is refused.
+    """
     todo = [j for j in jobs if not j.final.is_file()]
     if not resume and (len(todo) < len(jobs) or any(j.run_dir.exists() for j in todo)):
         raise ConfigError(
             f"{jobs[0].run_dir.parent.parent} already holds runs of this grid; pass --resume to skip "
             f"finished runs and continue the others, or choose another --run-root"
         )
-    log(f"{len(jobs)} runs, {len(jobs) - len(todo)} already finished, {len(todo)} to run with {workers} job(s)")
-    own = backend is None
-    backend = backend or LocalBackend(workers)
-    pending = {backend.submit(job): (job, 0) for job in todo}
-    failed = []
+    finished = len(jobs) - len(todo)
+    if not todo:
+        log(f"{len(jobs)} runs, {finished} already finished, 0 to run")
+        return []
+    own = backend is None or not hasattr(backend, "submit")
+    backend = LocalBackend(workers) if backend is None else backend if not own else backend()
+    failed: list[Failed] = []
+    pending: dict[Any, tuple[Job, int]] = {}
     try:
+        log(f"{len(jobs)} runs, {finished} already finished, {len(todo)} to run on {backend.description}")
+        for job in todo:
+            pending[backend.submit(job)] = (job, 0)
         while pending:
-            for handle, code in backend.wait(list(pending)):
+            for handle, error in backend.wait(list(pending)):
                 job, attempt = pending.pop(handle)
-                if code == 0 and job.final.is_file():
-                    log(f"done   {job.label} seed {job.seed} ({job.run_dir})")
+                if error is None and not job.final.is_file():
+                    error = f"finished without writing {job.final}"
+                if error is None:
+                    finished += 1
+                    log(f"done   [{finished}/{len(jobs)}] {job.label} seed {job.seed} ({job.run_dir})")
                     continue
-                log(f"failed {job.label} seed {job.seed} (exit {code}; see {job.run_dir / 'log.txt'})"
-                    + ("; retrying from its last checkpoint" if attempt == 0 else ""))
-                if attempt == 0:
-                    pending[backend.submit(job)] = (job, 1)
+                again = attempt < backend.resubmit
+                log(f"failed {job.label} seed {job.seed}: {error}"
+                    + ("; retrying from its last checkpoint" if again else ""))
+                if again:
+                    pending[backend.submit(job)] = (job, attempt + 1)
                 else:
-                    failed.append(job)
+                    failed.append(Failed(job, error))
     except BaseException:
-        backend.cancel(list(pending))
+        if pending:
+            backend.cancel(list(pending))
+            log(f"stopped: cancelled {len(pending)} outstanding run(s); finished runs are kept "
+                f"(continue with --resume)")
         raise
     finally:
-        if own:
+        if own and hasattr(backend, "close"):
             backend.close()
     return failed
 
