@@ -356,7 +356,7 @@ def train_here(config: dict[str, Any], run_dir: str | Path, threads: int | None 
 def _run_experiment(config_path: Path, run_dir: Path, *, resume: bool, log: Callable[..., None]) -> None:
     """What ``taskloom train CONFIG --run-dir RUN_DIR [--resume]`` runs (``taskloom.cli._train``)."""
     from taskloom import config as cfg
-    from taskloom.train import run  # run/build_experiment move to taskloom.experiment: re-point here
+    from taskloom.experiment import run
 
     run(cfg.load(config_path), run_dir, resume=resume, log=log)
 
