@@ -179,13 +179,17 @@ def _variants(entry: dict[str, Any], num_stages: int) -> list[tuple[str, list[st
 
 def _restrict_to_tasks(config: dict[str, Any]) -> dict[str, Any]:
     """Fit a resolved config to a run on a subset of the tasks (single-task baselines, pairs):
-    drop the loss weights of absent tasks and, when model selection names an absent task, select
-    on the mean over the run's own tasks instead."""
+    drop what names an absent task (its loss weight, its head, its tower initialisation, its
+    uncertainty form) and, when model selection names an absent task, select on the mean over the
+    run's own tasks instead."""
     tasks = config["data"].get("tasks")
     if not tasks:
         return config
     train = config["train"]
     train["loss_weights"] = {k: v for k, v in (train.get("loss_weights") or {}).items() if k in tasks}
+    for section, key in ((config.get("model"), "heads"), (config.get("init"), "towers"), (train.get("weighting"), "forms")):
+        if isinstance(section, dict) and isinstance(section.get(key), dict):
+            section[key] = {k: v for k, v in section[key].items() if k in tasks}
     select = train.get("select", "mean")
     if select not in ("mean", "loss") and select.partition("/")[0] not in tasks:
         train["select"] = "mean"
@@ -236,6 +240,21 @@ def config_delta(value: Any, default: Any = _SAME) -> Any:
         return out if out or not same else _SAME
     if default is not _MISSING and default is not _SAME and value == default and type(value) is type(default):
         return _SAME
+    return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as data YAML can write: dataclasses inside mappings and lists (``model.heads``
+    maps a task to its head's options) become their delta from their own class's defaults, with
+    their ``name``; plain data is returned as it is, so the fingerprints of configs without such
+    entries are unchanged."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        delta = config_delta(value, _MISSING)
+        return {} if delta is _SAME else delta
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
     return value
 
 

@@ -41,6 +41,36 @@ def test_the_fingerprint_hashes_the_values_that_differ_from_the_defaults():
     assert delta == {"model": {"backbone": {"name": "resnet_small"}, "architecture": {"name": "xresnet", "cross": "zero"}}}
 
 
+def test_options_inside_a_mapping_are_fingerprinted_by_their_values():
+    """``model.heads`` maps a task to its head's options (a dataclass): YAML cannot write those as
+    they are, so the pets grid could not be expanded; they count by their non-default values."""
+    dense = ["data.name=nyuv2", "data.tasks=[segmentation]", "model.backbone=resnet_small"]
+    aspp = fingerprint(cfg.load(None, [*dense, "model.heads={segmentation: {name: aspp, width: 128}}"]))
+    assert aspp == fingerprint(cfg.load(None, [*dense, "model.heads={segmentation: {name: aspp, width: 128, rates: null}}"]))
+    assert aspp != fingerprint(cfg.load(None, [*dense, "model.heads={segmentation: {name: aspp, width: 64}}"]))
+    assert aspp != fingerprint(cfg.load(None, dense))
+
+
+@pytest.mark.parametrize("name", ["mtfl", "utkface", "ablations", "pets", "gated"])
+def test_every_record_grid_expands_into_fingerprinted_jobs(name, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from conftest import shared_path
+    from taskloom.grid import load_grid
+
+    # the grids leave data.root unset; expanding one reads the datasets' task lists
+    monkeypatch.setenv("TASKLOOM_DATA", str(shared_path()))
+    grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / "record" / f"{name}.yaml")
+    jobs = expand(grid, grid.seeds, tmp_path)
+    assert jobs and len({j.run_dir for j in jobs}) == len(jobs)  # one directory per (label, seed, task)
+    for job in jobs:  # a single-task baseline keeps no head (loss weight, ...) of another task
+        if job.config["data"].get("tasks") is None:  # the dataset's every task
+            continue
+        tasks = set(job.config["data"]["tasks"])
+        assert set(job.config["model"].get("heads") or {}) <= tasks, (job.label, job.task)
+        assert set(job.config["train"].get("loss_weights") or {}) <= tasks, (job.label, job.task)
+
+
 def test_a_run_directory_named_by_the_old_whole_config_hash_is_reused(tmp_path):
     grid = Grid(None, TINY, 1, [{"label": "s", "architecture": "split@1", "overrides": [], "sweep": {}}])
     jobs = expand(grid, 1, tmp_path)
