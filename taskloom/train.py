@@ -212,6 +212,20 @@ def _accumulate(partial: dict[str, Any], tasks: list[Task], y: dict[str, Tensor]
     partial["count"] += n
 
 
+def _partial_over_ranks(partial: dict[str, Any], ctx: distributed.Context) -> dict[str, Any]:
+    """The epoch's running sums added over all ranks: what one process would have summed, so that
+    a checkpoint written in the middle of an epoch resumes right with any number of processes."""
+    if not ctx.enabled:
+        return partial
+    out: dict[str, Any] = {}
+    for key in ("loss_sum", "labelled", "penalty_sum", "weight_sum"):
+        names = sorted(partial.get(key, {}))
+        out[key] = dict(zip(names, ctx.sum([float(partial[key][n]) for n in names])))
+    out["labelled"] = {n: round(v) for n, v in out["labelled"].items()}
+    out["count"] = round(ctx.sum([float(partial["count"])])[0])
+    return out
+
+
 def _end_epoch(loop: Loop, val: dict, val_loss: dict, score: float, started: float) -> dict[str, Any]:
     """Step the schedule and the weighting, count the epoch as done and start the sums of the
     next one; returns the epoch's ``metrics.jsonl`` record."""
@@ -282,6 +296,8 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run: RunDir, ct
     config_dict = to_dict(config) if config is not None else None
     if run.should_resume(resume, log):
         restore(loop, run, config_dict, force=force)
+        if not ctx.is_main:  # the checkpoint's sums of the epoch so far are all ranks' together: count them once
+            loop.state["partial"] = empty_partial()
         log(f"resuming {run.path} at epoch {loop.state['epoch'] + 1}, step {loop.state['step']}")
     if ctx.is_main:
         run.prepare(config, loop.state["epoch"], log)
@@ -302,6 +318,8 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run: RunDir, ct
                                callbacks=callbacks, stop_requested=lambda: ctx.any(bool(stop)),
                                last_checkpoint=run.last):
                 loop.state["seconds"] += time.perf_counter() - started
+                # rank 0 writes the checkpoint: it must hold every rank's sums of the epoch so far
+                loop.state["partial"] = _partial_over_ranks(loop.state["partial"], ctx)
                 for callback in callbacks:
                     callback.on_interrupt(loop)
                 ctx.barrier()

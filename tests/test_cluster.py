@@ -310,7 +310,9 @@ def test_ctrl_c_cancels_outstanding_runs_and_resume_skips_finished_ones(cluster,
     with open(tmp_path / "compare.log", "w") as stdout:
         proc = subprocess.Popen([sys.executable, "-m", "taskloom", "compare", str(grid), "--run-root", str(out),
                                  "--backend", "dask", "--jobs", "2"], stdout=stdout, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                # default SIGINT, as in a terminal (a shell's background job inherits it ignored)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while "epoch 1/8" not in (_log(out, "long").read_text() if _log(out, "long").is_file() else ""):

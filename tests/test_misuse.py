@@ -265,8 +265,11 @@ def test_importing_the_package_does_not_import_torch():
 
 
 def test_ctrl_c_in_the_first_seconds_exits_quietly_with_130():
+    # A shell's background job inherits SIGINT ignored, and Python then installs no handler for it:
+    # give the child the default disposition, as a terminal's foreground process has.
     proc = subprocess.Popen([sys.executable, "-m", "taskloom", "train", *TINY], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)  # the interpreter is up and importing (torch takes seconds)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
