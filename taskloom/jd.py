@@ -9,14 +9,16 @@ only their task reaches) get their plain gradient, and penalties are added unagg
 
 It needs the optional extra ``pip install taskloom[jd]`` (TorchJD >= 0.18, whose
 ``autojac.backward`` + ``jac_to_grad`` API it uses). Some aggregators need TorchJD's own extras:
-``upgrad`` and ``dualproj`` a QP solver (``torchjd[quadprog-projector]``, which ``taskloom[jd]``
-includes), ``cagrad`` and ``nash_mtl`` cvxpy (``torchjd[cagrad]``, ``torchjd[nash-mtl]``),
-``fairgrad`` scipy (``torchjd[fairgrad]``); a missing one is reported when the weighting is built.
+``upgrad`` and ``dualproj`` a QP solver (``torchjd[quadprog-projector]``) and ``nash_mtl`` cvxpy
+with ECOS (``torchjd[nash_mtl]``), both of which ``taskloom[jd]`` includes; ``cagrad`` cvxpy
+(``torchjd[cagrad]``) and ``fairgrad`` scipy (``torchjd[fairgrad]``); a missing one is reported
+when the weighting is built.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ AGGREGATORS = {
     "cagrad": "CAGrad", "nash_mtl": "NashMTL", "aligned_mtl": "AlignedMTL", "config": "ConFIG",
     "graddrop": "GradDrop", "fairgrad": "FairGrad", "gradvac": "GradVac", "krum": "Krum",
     "trimmed_mean": "TrimmedMean", "random": "Random", "mean": "Mean", "sum": "Sum",
+    "excess_mtl": "ExcessMTL", "pcd": "PCD",
 }
 """``aggregator`` names and the TorchJD classes they build."""
 
@@ -63,7 +66,11 @@ def build_aggregator(name: str, options: dict[str, Any], num_tasks: int):
         kwargs.setdefault("n_tasks", num_tasks)
     try:
         aggregator = cls(**kwargs)
-        aggregator(torch.eye(num_tasks, 2))  # fails now, not at the first step, when a solver is missing
+        with warnings.catch_warnings():  # a solver's warnings on this made-up matrix mean nothing
+            warnings.simplefilter("ignore")
+            aggregator(torch.eye(num_tasks, 2))  # fails now, not at the first step, when a solver is missing
+        if hasattr(aggregator, "reset"):  # stateful ones (Nash-MTL, GradVac) must not keep the probe's state
+            aggregator.reset()
     except ImportError as exc:
         raise ConfigError(f"train.weighting.aggregator: {name!r} needs an extra of TorchJD: {exc}") from None
     except TypeError as exc:

@@ -88,7 +88,8 @@ def test_torchjd_pcgrad_equals_taskloom_pcgrad_in_the_same_task_order(k):
     torch.testing.assert_close(theirs, pcgrad(jac, orders), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("aggregator", ["upgrad", "mgda", "imtl_g", "aligned_mtl", "config", "graddrop", "dualproj"])
+@pytest.mark.parametrize("aggregator", ["upgrad", "mgda", "imtl_g", "aligned_mtl", "config", "graddrop", "dualproj",
+                                        "nash_mtl", "excess_mtl", "pcd"])
 def test_aggregators_give_a_gradient_to_every_used_parameter(aggregator):
     try:
         _, grads, used = grads_with(JDOptions(aggregator=aggregator), 2)
@@ -114,3 +115,15 @@ def test_jd_is_refused_under_torchrun_with_a_clear_message():
     train.weighting = JDOptions()
     with pytest.raises(ConfigError, match="'jd' is not supported under torchrun"):
         _setup(model, train, Context(rank=0, world=2), torch.device("cpu"))
+
+
+def test_a_stateful_aggregator_starts_without_the_build_probes_state():
+    """build_aggregator calls the aggregator once to surface a missing solver; Nash-MTL keeps a step
+    count and its last weights, which must not carry that made-up call into training."""
+    from taskloom.jd import build_aggregator
+
+    try:
+        nash = build_aggregator("nash_mtl", {}, 3)
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    assert nash.weighting.step == 0
