@@ -5,7 +5,7 @@
     python scripts/record.py rerun STUDY LABEL [LABEL ...] [--jobs 2] [--runs runs/rerun]
 
 ``run`` calls ``taskloom compare configs/record/<study>.yaml --resume`` for each study (default:
-all of ``mtfl``, ``utkface``, ``ablations``; a killed run is picked up where it stopped) and
+all of ``mtfl``, ``utkface``, ``ablations``, ``pets``; a killed run is picked up where it stopped) and
 writes each study's wall time to ``RUNS/<study>/wall_seconds.txt``. ``report`` copies each run
 root's ``results.csv`` (and class counts, wall time) into ``docs/results/<study>/``, then, for
 every study folder under ``docs/results/`` that holds a ``results.csv`` (``multimnist_default``
@@ -16,11 +16,13 @@ alone, so every number there is traceable to a row of a committed ``results.csv`
 
 ``rerun`` trains only the runs of the given labels of one study again (every seed, nothing else:
 not the single-task baselines) and puts their rows in place of the committed ones in
-``docs/results/<study>/results.csv``; ``report`` then regenerates the pages. It is how rows are
-re-measured after a fix that changes only them, and it prints the wall time of the rerun.
+``docs/results/<study>/results.csv`` (a label the file does not have yet is appended); ``report``
+then regenerates the pages. It is how rows are re-measured after a fix that changes only them, and
+how rows added to a grid later are measured against the committed baselines; it prints the wall
+time of the rerun.
 
 Data: the grids leave ``data.root`` unset, so set ``TASKLOOM_DATA`` to the folder that holds
-``mtfl/`` and ``utkface64/`` (here: ``TASKLOOM_DATA=../shared/data``).
+``mtfl/``, ``utkface64/`` and ``pets-sample/`` (here: ``TASKLOOM_DATA=../shared/data``).
 """
 from __future__ import annotations
 
@@ -42,9 +44,11 @@ from taskloom.grid import SINGLE  # noqa: E402
 from taskloom.compare import write_results  # noqa: E402
 from taskloom.summary import read_csv, summarize  # noqa: E402
 
-STUDIES = ("mtfl", "utkface", "ablations")
+STUDIES = ("mtfl", "utkface", "ablations", "pets")
 DOCS = REPO / "docs" / "results"
 ATTRIBUTES = ("gender", "smile", "glasses", "pose")
+GATED = ("mtan", "mmoe", "ple", "adatt")  # the gated and attention designs' rows (issue 15)
+AGGREGATORS = ("upgrad", "mgda", "aligned_mtl", "nash_mtl", "imtl_g")  # TorchJD's, in the weighting study
 
 
 def run(args) -> None:
@@ -136,6 +140,12 @@ LANDMARK_COLUMNS = [
 ]
 ATTRIBUTE_COLUMNS = [(f"{a} acc % (macro) ↑", "", attribute(a)) for a in ATTRIBUTES]
 COMMON = [("Δm % ↑", "", delta), ("params (× single)", "", params), ("train s", "", seconds), ("seeds", "", n_seeds)]
+PETS_COLUMNS = [
+    ("seg mIoU % ↑", "", metric("segmentation", "miou", digits=1)),
+    ("seg pixel acc % ↑", "", metric("segmentation", "pixel_accuracy", digits=1)),
+    ("breed acc % ↑", "", metric("breed", "accuracy", digits=1)),
+    ("head box IoU % (val) ↑", "", metric("head_box", "miou", digits=1)),
+]
 UTK_COLUMNS = [
     ("age MAE ↓", "", metric("age", "mae", 1.0)),
     ("age median AE ↓", "", metric("age", "median_ae", 1.0)),
@@ -152,18 +162,22 @@ def tables() -> dict[str, str]:
         mtfl = read_csv(DOCS / "mtfl" / "results.csv")
         pairs = [f"hard[+{a}]" for a in ATTRIBUTES]
         out["mtfl"] = _table(mtfl, [SINGLE, *pairs, "hard", "cross_stitch", "cross_stitch+l2", "cross_stitch+exp",
-                                    "cross_stitch+affine_exp", "nddr"],
+                                    "cross_stitch+affine_exp", "nddr", *GATED],
                              [*LANDMARK_COLUMNS, *ATTRIBUTE_COLUMNS, *COMMON])
         weighting = [f"{arch}{suffix}" for arch in ("hard", "cross_stitch")
-                     for suffix in ("", "/fixed1", "/uncertainty", "/uncertainty-lr100", "/dwa", "/gradnorm", "/pcgrad")]
+                     for suffix in ("", "/fixed1", "/uncertainty", "/uncertainty-lr100", "/dwa", "/gradnorm", "/pcgrad",
+                                    *(f"/{name}" for name in AGGREGATORS))]
         out["weighting"] = _table(mtfl, [SINGLE, *weighting], [*LANDMARK_COLUMNS[:2], *ATTRIBUTE_COLUMNS, *COMMON])
     if (DOCS / "utkface" / "results.csv").is_file():
         utk = read_csv(DOCS / "utkface" / "results.csv")
-        out["utkface"] = _table(utk, [SINGLE, "split@4", "cross_stitch", "sluice(S=2)", "nddr", "nddr_shortcut"],
+        out["utkface"] = _table(utk, [SINGLE, "split@4", "cross_stitch", "sluice(S=2)", "nddr", "nddr_shortcut", *GATED],
                                 [*UTK_COLUMNS, *COMMON])
     if (DOCS / "ablations" / "results.csv").is_file():
         abl = read_csv(DOCS / "ablations" / "results.csv")
         out["ablations"] = _table(abl, list(dict.fromkeys(r["label"] for r in abl)), [*UTK_COLUMNS, *COMMON])
+    if (DOCS / "pets" / "results.csv").is_file():
+        pets = read_csv(DOCS / "pets" / "results.csv")
+        out["pets"] = _table(pets, list(dict.fromkeys(r["label"] for r in pets)), [*PETS_COLUMNS, *COMMON])
     return out
 
 
@@ -187,7 +201,7 @@ def report(args) -> None:
     if adaptive:
         print("wrote", plot_weights(adaptive, DOCS / "mtfl" / "task_weights.png"))
     generated = tables()
-    for page, names in {"README.md": ("mtfl", "utkface", "ablations"), "weighting_mtfl.md": ("weighting",)}.items():
+    for page, names in {"README.md": ("mtfl", "utkface", "ablations", "pets"), "weighting_mtfl.md": ("weighting",)}.items():
         path = DOCS / page
         text = path.read_text(encoding="utf-8")
         for name in [n for n in names if n in generated]:
@@ -225,6 +239,8 @@ def rerun(args) -> None:
         elif fresh[row["label"]]:
             rows += fresh[row["label"]]
             fresh[row["label"]] = []
+    for new_rows in fresh.values():  # labels the file did not have yet go at its end, in grid order
+        rows += new_rows
     write_csv(rows, path)
     print(f"wrote {path}")
 
