@@ -351,6 +351,15 @@ def test_ctrl_c_cancels_outstanding_runs_and_resume_skips_finished_ones(cluster,
     assert len(list(out.glob("*/*/final.json"))) == 4
 
 
+@pytest.mark.slow
+def test_the_local_clusters_workers_keep_glibcs_memory_trimming_default(cluster):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers by default, which cost a
+    training run 1.34x its time (docs/scaling.md); taskloom's local cluster leaves it unset."""
+    _, client = cluster
+    seen = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+    assert len(seen) == 2 and set(seen.values()) == {None}
+
+
 # --------------------------------------------------------------------------- loopback only
 
 
