@@ -274,7 +274,10 @@ def test_ctrl_c_in_the_first_seconds_exits_quietly_with_130():
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert proc.returncode == 130, err
+    # 130, or death by SIGINT (-2, which a shell also reports as 130): when the signal lands inside
+    # an import, CPython may end the process by re-raising it after main() has returned (seen once
+    # in CI, 2026-12-02, after "taskloom: interrupted" was printed)
+    assert proc.returncode in (130, -signal.SIGINT), err
 
 
 # --------------------------------------------------------------------------- 8. data check on a small dataset
