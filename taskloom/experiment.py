@@ -11,6 +11,8 @@ regularisers, weightings) never import the config.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from taskloom.errors import CheckpointError, ConfigError
 from taskloom.heads import apply_heads
 from taskloom.models import MultiTaskNet, configure_towers
 from taskloom.regularizers import attach_regularizer
+from taskloom.rundir import RunDir
 from taskloom.tasks import Task
 from taskloom.train import count_parameters, fit
 
@@ -66,15 +69,22 @@ def load_run(path: str | Path, data_root: str | None = None) -> tuple[nn.Module,
 def run(config: Config, run_dir: str | Path, *, resume: bool = False, force: bool = False,
         log=lambda *a: print(*a, flush=True)) -> dict[str, Any]:
     """Build the data and model a config describes and :func:`~taskloom.train.fit` them (what
-    ``taskloom train`` does)."""
-    torch.manual_seed(config.seed)
-    data, model = build_experiment(config, log)
-    log(f"{config.model.architecture.name} on {config.data.name}: {len(data.tasks)} tasks "
-        f"({', '.join(t.name for t in data.tasks)}), {count_parameters(model):,} parameters, "
-        f"{len(data.train):,} / {len(data.val):,} / {len(data.test):,} train / val / test samples")
-    return fit(model, data, config.train, run_dir, config=config, seed=config.seed,
-               batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
-               num_workers=config.data.num_workers, resume=resume, force=force, log=log)
+    ``taskloom train`` does).
+
+    A run directory that another process is writing, or that holds a run when ``resume`` is not
+    given, is refused before the data and model are built (that can take a minute)."""
+    run = RunDir(run_dir)
+    writer = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 writes (and locks) alone
+    with run.lock() if writer else contextlib.nullcontext():
+        run.should_resume(resume, log=lambda *a: None)  # the refusal only; fit says what it does
+        torch.manual_seed(config.seed)
+        data, model = build_experiment(config, log)
+        log(f"{config.model.architecture.name} on {config.data.name}: {len(data.tasks)} tasks "
+            f"({', '.join(t.name for t in data.tasks)}), {count_parameters(model):,} parameters, "
+            f"{len(data.train):,} / {len(data.val):,} / {len(data.test):,} train / val / test samples")
+        return fit(model, data, config.train, run, config=config, seed=config.seed,
+                   batch_size=config.data.batch_size, eval_batch_size=config.data.eval_batch_size,
+                   num_workers=config.data.num_workers, resume=resume, force=force, log=log)
 
 
 # --------------------------------------------------------------------------- towers from single-task checkpoints

@@ -37,6 +37,7 @@ class RunDir:
         self.best = self.path / "checkpoints" / "best.pt"
         self.final = self.path / "final.json"
         self.lockfile = self.path / ".lock"
+        self._holding = 0  # nesting depth of lock() on this object (re-entrant for its holder)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -45,7 +46,16 @@ class RunDir:
         ``fcntl.flock`` on ``RUN_DIR/.lock``: the kernel releases it when the holder exits in any
         way (``kill -9`` included), so a lock is never stale. A second writer is refused with a
         :class:`ConfigError` naming the holder's pid, host and start time (written in the file).
+        Re-entrant on the same object (``taskloom train`` takes it before building the data and
+        model, and :func:`~taskloom.train.fit` again); another ``RunDir`` of the folder is refused.
         """
+        if self._holding:
+            self._holding += 1
+            try:
+                yield
+            finally:
+                self._holding -= 1
+            return
         try:
             import fcntl
         except ImportError:  # no flock (Windows): no lock
@@ -70,8 +80,10 @@ class RunDir:
             os.ftruncate(fd, 0)
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {stamp})\n".encode(), 0)
+            self._holding = 1
             yield
         finally:
+            self._holding = 0
             os.close(fd)  # releases the lock
 
     def should_resume(self, resume: bool, log: Callable[..., None]) -> bool:

@@ -253,7 +253,7 @@ def fit(
     model: nn.Module,
     data: DataBundle,
     train: TrainConfig,
-    run_dir: str | Path,
+    run_dir: str | Path | RunDir,
     *,
     config: Config | None = None,
     seed: int = 0,
@@ -274,7 +274,7 @@ def fit(
     """
     device = resolve_device(train.device)
     ctx = distributed.setup(device.type)
-    run = RunDir(run_dir)
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     try:
         # One writer per run directory: rank 0 (the only writer under torchrun) holds the lock.
         with run.lock() if ctx.is_main else contextlib.nullcontext():

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from taskloom.cli import main
-from taskloom.errors import ConfigError
+from taskloom.errors import ConfigError, DataError
 from taskloom.rundir import RunDir
 
 from helpers import subprocess_env
@@ -70,6 +70,39 @@ def test_lock_is_held_for_the_block_and_released_after(tmp_path):
             with RunDir(tmp_path / "r").lock():
                 pass
     with run.lock():  # released on exit
+        pass
+
+
+def _missing_data_config(tmp_path):
+    from taskloom import config as cfg
+
+    return cfg.load(None, ["data.name=mtfl", f"data.root={tmp_path / 'no-such-data'}"])
+
+
+def test_a_busy_run_directory_is_refused_before_the_data_is_built(tmp_path):
+    from taskloom.experiment import run
+
+    config = _missing_data_config(tmp_path)  # building its data would fail: the refusal must come first
+    with RunDir(tmp_path / "r").lock():
+        with pytest.raises(ConfigError, match="in use by pid"):
+            run(config, tmp_path / "r")
+    (tmp_path / "r" / "checkpoints").mkdir()
+    (tmp_path / "r" / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(config, tmp_path / "r")
+    with pytest.raises(DataError, match="no-such-data"):  # with --resume it goes on to build (and fail)
+        run(config, tmp_path / "r", resume=True)
+
+
+def test_the_lock_is_reentrant_for_its_holder_only(tmp_path):
+    run = RunDir(tmp_path / "r")
+    with run.lock():
+        with run.lock():  # taskloom train holds it around building the experiment, fit() again
+            pass
+        with pytest.raises(ConfigError, match="in use"):  # still held after the inner block
+            with RunDir(tmp_path / "r").lock():
+                pass
+    with RunDir(tmp_path / "r").lock():
         pass
 
 
