@@ -226,6 +226,8 @@ def _convert(tp: Any, value: Any, where: _Where, base: Any = None) -> Any:
         return value
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as true/false
         if value in allowed and type(value) is type(allowed[allowed.index(value)]):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)

@@ -74,6 +74,14 @@ def test_wrong_type_and_bad_choice(tmp_path):
         cfg.load(write(tmp_path, "train:\n  deterministic: 1\n"))
 
 
+def test_unquoted_on_and_off_are_the_choices_not_booleans(tmp_path):
+    # YAML 1.1 reads `on`/`off` as true/false; where a choice is literally "on"/"off" that is what was meant
+    assert cfg.load(write(tmp_path, "model:\n  batched_towers: on\n")).model.batched_towers == "on"
+    assert cfg.load(None, ["model.batched_towers=off"]).model.batched_towers == "off"
+    with pytest.raises(ConfigError, match="True is not one of 32"):  # only where on/off are the choices
+        cfg.load(None, ["train.precision=on"])
+
+
 def test_invalid_yaml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="line 2: not valid YAML"):
         cfg.load(write(tmp_path, "seed: 1\ntrain: epochs: 2\n"))
