@@ -3,6 +3,7 @@
     python scripts/record.py run [--jobs 2] [--runs runs/record] [STUDY ...]
     python scripts/record.py report [--runs runs/record]
     python scripts/record.py rerun STUDY LABEL [LABEL ...] [--jobs 2] [--runs runs/rerun]
+    python scripts/record.py weights [--jobs 2] [--runs runs/weights]
 
 ``run`` calls ``taskloom compare configs/record/<study>.yaml --resume`` for each study (default:
 all of ``mtfl``, ``utkface``, ``ablations``, ``pets``; a killed run is picked up where it stopped) and
@@ -20,6 +21,10 @@ not the single-task baselines) and puts their rows in place of the committed one
 then regenerates the pages. It is how rows are re-measured after a fix that changes only them, and
 how rows added to a grid later are measured against the committed baselines; it prints the wall
 time of the rerun.
+
+``weights`` trains seed 0 of the MTFL rows with adaptive task weights (uncertainty, DWA, GradNorm)
+and redraws ``docs/results/mtfl/task_weights.png`` from their ``metrics.jsonl`` (``report`` does the
+same from a full run root).
 
 Data: the grids leave ``data.root`` unset, so set ``TASKLOOM_DATA`` to the folder that holds
 ``mtfl/``, ``utkface64/`` and ``pets-sample/`` (here: ``TASKLOOM_DATA=../shared/data``).
@@ -195,9 +200,7 @@ def report(args) -> None:
         md = dest / "results.md"
         title = md.read_text(encoding="utf-8").partition("\n")[0].lstrip("# ") if md.is_file() else ""
         print("wrote", write_results(dest, title=title or f"Comparison: {dest.name}"))
-    mtfl_runs = Path(args.runs) / "mtfl"
-    adaptive = [d for label in ("uncertainty", "uncertainty-lr100", "dwa", "gradnorm") for arch in ("hard", "cross_stitch")
-                for d in sorted((mtfl_runs / f"{arch}_{label}").glob("s0-*"))]
+    adaptive = _weight_runs(Path(args.runs) / "mtfl")
     if adaptive:
         print("wrote", plot_weights(adaptive, DOCS / "mtfl" / "task_weights.png"))
     generated = tables()
@@ -245,6 +248,36 @@ def rerun(args) -> None:
     print(f"wrote {path}")
 
 
+# The MTFL rows whose task weights change during training (task_weights.png, seed 0 of each).
+ADAPTIVE = [f"{arch}/{method}" for method in ("uncertainty", "uncertainty-lr100", "dwa", "gradnorm")
+            for arch in ("hard", "cross_stitch")]
+
+
+def _weight_runs(mtfl_runs: Path) -> list[Path]:
+    """Seed 0's run folder of every adaptive row found under an MTFL run root."""
+    return [d for label in ADAPTIVE for d in sorted((mtfl_runs / label.replace("/", "_")).glob("s0-*"))]
+
+
+def weights(args) -> None:
+    """Train seed 0 of the adaptive MTFL rows (nothing else; results.csv is left alone) and plot
+    their per-epoch task weights into ``docs/results/mtfl/task_weights.png``."""
+    from taskloom.grid import expand, load_grid
+    from taskloom.runs import run_jobs
+
+    grid = load_grid(REPO / "configs" / "record" / "mtfl.yaml")
+    root = Path(args.runs) / "mtfl"
+    jobs = sorted((j for j in expand(grid, 1, root) if j.label in ADAPTIVE), key=lambda j: ADAPTIVE.index(j.label))
+    missing = sorted(set(ADAPTIVE) - {j.label for j in jobs})
+    if missing:
+        sys.exit(f"mtfl: no rows labelled {missing} in configs/record/mtfl.yaml")
+    started = time.perf_counter()
+    failed = run_jobs(jobs, args.jobs, resume=True)
+    if failed:
+        sys.exit(f"{len(failed)} runs failed: " + ", ".join(f"{j.label} seed {j.seed}" for j in failed))
+    print(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s")
+    print("wrote", plot_weights([j.run_dir for j in jobs], DOCS / "mtfl" / "task_weights.png"))
+
+
 def plot_weights(run_dirs: list[Path], out: Path) -> Path:
     """One panel per run: the per-epoch task weights that ``metrics.jsonl`` logs."""
     import matplotlib
@@ -286,6 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--runs", default="runs/rerun")
     p.set_defaults(fn=rerun)
+    p = sub.add_parser("weights")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--runs", default="runs/weights")
+    p.set_defaults(fn=weights)
     p = sub.add_parser("report")
     p.add_argument("--runs", default="runs/record")
     p.set_defaults(fn=report)
