@@ -216,21 +216,30 @@ def report(args) -> None:
         print(f"wrote {path}")
 
 
-def rerun(args) -> None:
+def _train_rows(study: str, labels: list[str], seeds: int | None, runs: Path, workers: int) -> list:
+    """Train (or finish: runs resume) the jobs of a study's rows ``labels``, the grid's seeds or
+    the first ``seeds``, under ``runs/<study>``; return the jobs. Exits on an unknown label or a
+    failed run."""
     from taskloom.grid import expand, load_grid
     from taskloom.runs import run_jobs
-    from taskloom.summary import collect, write_csv
 
-    grid = load_grid(REPO / "configs" / "record" / f"{args.study}.yaml")
-    jobs = [j for j in expand(grid, grid.seeds, Path(args.runs) / args.study) if j.label in args.labels]
-    missing = sorted(set(args.labels) - {j.label for j in jobs})
+    grid = load_grid(REPO / "configs" / "record" / f"{study}.yaml")
+    jobs = [j for j in expand(grid, seeds or grid.seeds, runs / study) if j.label in labels]
+    missing = sorted(set(labels) - {j.label for j in jobs})
     if missing:
-        sys.exit(f"{args.study}: no rows labelled {missing} in configs/record/{args.study}.yaml")
+        sys.exit(f"{study}: no rows labelled {missing} in configs/record/{study}.yaml")
     started = time.perf_counter()
-    failed = run_jobs(jobs, args.jobs, resume=True)
+    failed = run_jobs(jobs, workers, resume=True)
     if failed:
         sys.exit(f"{len(failed)} runs failed: " + ", ".join(f"{j.label} seed {j.seed}" for j in failed))
     print(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s")
+    return jobs
+
+
+def rerun(args) -> None:
+    from taskloom.summary import collect, write_csv
+
+    jobs = _train_rows(args.study, args.labels, None, Path(args.runs), args.jobs)
     fresh: dict[str, list[dict]] = {}
     for row in collect(jobs):
         fresh.setdefault(row["label"], []).append(row)
@@ -261,20 +270,8 @@ def _weight_runs(mtfl_runs: Path) -> list[Path]:
 def weights(args) -> None:
     """Train seed 0 of the adaptive MTFL rows (nothing else; results.csv is left alone) and plot
     their per-epoch task weights into ``docs/results/mtfl/task_weights.png``."""
-    from taskloom.grid import expand, load_grid
-    from taskloom.runs import run_jobs
-
-    grid = load_grid(REPO / "configs" / "record" / "mtfl.yaml")
-    root = Path(args.runs) / "mtfl"
-    jobs = sorted((j for j in expand(grid, 1, root) if j.label in ADAPTIVE), key=lambda j: ADAPTIVE.index(j.label))
-    missing = sorted(set(ADAPTIVE) - {j.label for j in jobs})
-    if missing:
-        sys.exit(f"mtfl: no rows labelled {missing} in configs/record/mtfl.yaml")
-    started = time.perf_counter()
-    failed = run_jobs(jobs, args.jobs, resume=True)
-    if failed:
-        sys.exit(f"{len(failed)} runs failed: " + ", ".join(f"{j.label} seed {j.seed}" for j in failed))
-    print(f"{len(jobs)} runs in {time.perf_counter() - started:.0f} s")
+    jobs = _train_rows("mtfl", ADAPTIVE, 1, Path(args.runs), args.jobs)
+    jobs.sort(key=lambda j: ADAPTIVE.index(j.label))
     print("wrote", plot_weights([j.run_dir for j in jobs], DOCS / "mtfl" / "task_weights.png"))
 
 
