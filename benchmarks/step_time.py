@@ -334,22 +334,39 @@ SECTIONS = {"fusion": sec_fusion, "batched": sec_batched, "scaling": sec_scaling
             "checkpoint": sec_checkpoint, "loaders": sec_loaders}
 
 
+def add_timing_arguments(p: argparse.ArgumentParser, json_default: str) -> None:
+    """The options of every paired-timing benchmark (this one and ``vs_libmtl.py``)."""
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=json_default)
+
+
+def write_json(args, device: torch.device, rows: list[dict], seconds: float, **settings) -> dict:
+    """Write ``{"machine": ..., "rows": rows}`` to ``args.json`` (when set); return the machine record."""
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "threads": args.threads, "device": str(device),
+               "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
+               **settings, "seconds": seconds, "argv": sys.argv[1:]}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    return machine
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     p.add_argument("--ks", nargs="+", type=int, default=[2, 3, 5])
     p.add_argument("--max-k", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    add_timing_arguments(p, "benchmarks/results/step_time.json")
     p.add_argument("--memory", action="store_true", help="also peak memory in the fusion section")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--loader-limit", type=int, default=3000)
     p.add_argument("--plot", default="benchmarks/results/scaling.png")
-    p.add_argument("--json", default="benchmarks/results/step_time.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -366,14 +383,7 @@ def main(argv=None):
     for s in args.sections:
         print(f"[{s}]", flush=True)
         rows += SECTIONS[s](args, device)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "threads": args.threads, "device": str(device),
-               "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
-               "bf16": args.bf16, "channels_last": args.channels_last, "seconds": time.perf_counter() - t0,
-               "argv": sys.argv[1:]}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    machine = write_json(args, device, rows, time.perf_counter() - t0, bf16=args.bf16, channels_last=args.channels_last)
     print("\n| group | variant | median ms | IQR ms | x baseline (paired median) | ratio IQR | FLOPs x baseline | peak MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

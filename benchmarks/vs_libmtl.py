@@ -28,8 +28,6 @@ import. Nothing else of LibMTL is changed. Install it with ``pip install --no-de
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 import types
@@ -41,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import Variant, compare, make  # noqa: E402
+from step_time import Variant, add_timing_arguments, compare, make, write_json  # noqa: E402
 
 from taskloom.architectures import CrossStitchOptions, SplitOptions  # noqa: E402
 from taskloom.backbones import ResNet18Options  # noqa: E402
@@ -117,11 +115,7 @@ def main(argv=None):
     p.add_argument("--ks", nargs="+", type=int, default=[2, 3])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default="benchmarks/results/vs_libmtl.json")
+    add_timing_arguments(p, "benchmarks/results/vs_libmtl.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -135,12 +129,7 @@ def main(argv=None):
             params = {n: sum(p.numel() for p in v.model.parameters()) for n, v in variants.items()}
             for row in compare(f"{label} K={k}", variants, "LibMTL", args):
                 rows.append({**row, "params": params[row["variant"]]})
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "threads": args.threads, "device": str(device),
-               "batch": args.batch, "seconds": time.perf_counter() - t0, "argv": sys.argv[1:]}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    machine = write_json(args, device, rows, time.perf_counter() - t0, batch=args.batch)
     print("\n| comparison | library | params | median ms | IQR ms | x LibMTL (paired median) | ratio IQR | FLOPs x LibMTL |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
