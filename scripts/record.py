@@ -264,7 +264,9 @@ ADAPTIVE = [f"{arch}/{method}" for method in ("uncertainty", "uncertainty-lr100"
 
 def _weight_runs(mtfl_runs: Path) -> list[Path]:
     """Seed 0's run folder of every adaptive row found under an MTFL run root."""
-    return [d for label in ADAPTIVE for d in sorted((mtfl_runs / label.replace("/", "_")).glob("s0-*"))]
+    from taskloom.grid import label_folder
+
+    return [d for label in ADAPTIVE for d in sorted((mtfl_runs / label_folder(label)).glob("s0-*"))]
 
 
 def weights(args) -> None:

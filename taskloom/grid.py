@@ -196,7 +196,8 @@ def _restrict_to_tasks(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def _safe(label: str) -> str:
+def label_folder(label: str) -> str:
+    """The folder name of a grid row's runs under the run root (``RUN_ROOT/<this>/s<seed>-...``)."""
     return "".join(c if c.isalnum() or c in "@-_.=,[]" else "_" for c in label)
 
 
@@ -204,7 +205,7 @@ def _run_dir(run_root: Path, label: str, seed: int, config: dict[str, Any]) -> P
     """``RUN_ROOT/<label>/s<seed>-<fingerprint>``; a run directory named by the older
     whole-config hash is used when it exists and the new one does not (run roots written
     before fingerprints ignored default values keep resuming)."""
-    folder = run_root / _safe(label)
+    folder = run_root / label_folder(label)
     run_dir = folder / f"s{seed}-{fingerprint(config)}"
     legacy = folder / f"s{seed}-{legacy_fingerprint(config)}"
     return legacy if legacy.is_dir() and not run_dir.exists() else run_dir
