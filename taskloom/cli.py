@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -77,6 +76,7 @@ EXTENSIONS = ("taskloom.inspection", "taskloom.data.check", "taskloom.compare")
 
 def _train(args: argparse.Namespace) -> int:
     from taskloom import config as cfg
+    from taskloom.distributed import is_main_process
     from taskloom.experiment import run
 
     overrides = list(args.overrides)
@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> int:
     config = cfg.load(args.config, overrides)
     run_dir = Path(args.run_dir or f"runs/{config.data.name}-{config.model.architecture.name}-s{config.seed}")
     final = run(config, run_dir, resume=args.resume, force=args.force)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+    if is_main_process():  # under torchrun only rank 0 reports
         _print_final(final)
         print(f"results: {run_dir / 'final.json'}")
     return 0

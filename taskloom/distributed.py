@@ -67,6 +67,12 @@ class Context:
         return indices[self.rank::self.world]
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of what torchrun started (or the only process): the one that
+    writes the run directory and reports. Read from the environment, before :func:`setup`."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ["RANK"]) == 0
+
+
 def setup(device_type: str) -> Context:
     """Join the process group that torchrun describes (no-op for a single process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -12,7 +12,6 @@ regularisers, weightings) never import the config.
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from taskloom import checkpoint
 from taskloom.architectures import build_model
 from taskloom.config import Config, from_dict
 from taskloom.data import DataBundle, build_data
+from taskloom.distributed import is_main_process
 from taskloom.errors import CheckpointError, ConfigError
 from taskloom.heads import apply_heads
 from taskloom.models import MultiTaskNet, configure_towers
@@ -74,8 +74,7 @@ def run(config: Config, run_dir: str | Path, *, resume: bool = False, force: boo
     A run directory that another process is writing, or that holds a run when ``resume`` is not
     given, is refused before the data and model are built (that can take a minute)."""
     run = RunDir(run_dir)
-    writer = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 writes (and locks) alone
-    with run.lock() if writer else contextlib.nullcontext():
+    with run.lock() if is_main_process() else contextlib.nullcontext():  # under torchrun rank 0 writes alone
         run.should_resume(resume, log=lambda *a: None)  # the refusal only; fit says what it does
         torch.manual_seed(config.seed)
         data, model = build_experiment(config, log)
