@@ -97,7 +97,10 @@ def _table(rows: list[dict], labels: list[str], columns: list[tuple[str, str, ca
         if label not in summary:
             continue
         entry, own = summary[label], [r for r in rows if r["label"] == label]
-        lines.append("| " + " | ".join([label, *[fn(entry, own) for _, _, fn in columns]]) + " |")
+        cells = [fn(entry, own) for _, _, fn in columns]
+        if len({r.get("seed") for r in own}) < 2:  # one seed: a spread of 0 would say nothing
+            cells = [re.sub(r" ± [0-9.]+", "", c) for c in cells]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -206,6 +209,8 @@ def report(args) -> None:
     generated = tables()
     for page, names in {"README.md": ("mtfl", "utkface", "ablations", "pets"), "weighting_mtfl.md": ("weighting",)}.items():
         path = DOCS / page
+        if not path.is_file():  # (the GPU record's pages: the weighting one only when it has such rows)
+            continue
         text = path.read_text(encoding="utf-8")
         for name in [n for n in names if n in generated]:
             pattern = re.compile(rf"(<!-- record:{name} -->\n)(?:.*?\n)?(<!-- /record:{name} -->)", re.S)

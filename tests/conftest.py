@@ -14,6 +14,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("TASKLOOM_TEST_DEVICE", "cpu").startswith("cuda"):
+    # The identity tests compare two float32 computations of one function to 1e-5. PyTorch's
+    # default lets cuDNN convolve in TF32 (10-bit mantissa, ~1e-3 relative): on an H200 looped and
+    # vmapped towers then differed by 2-4e-5 (scripts/gpu_record.py, 2026-12-04). Full float32 here.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 SHARED_DATA = Path(os.environ.get("TASKLOOM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

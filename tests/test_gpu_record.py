@@ -3,18 +3,23 @@ exactly what the loaders build, batches equal the per-sample path, the carry sta
 the whole run works end to end in --tiny mode on a CPU (so the prepared GPU script cannot rot)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import shared_path
 from taskloom.data import DataBundle, build_data, packed
@@ -230,7 +235,7 @@ def test_tiny_end_to_end(tmp_path):
     assert _script().main(["report", "--runs", str(out), "--docs", str(docs)]) == 0
     page = (docs / "README.md").read_text()
     assert "| single-task |" in page and "| cross_stitch |" in page and "| nddr |" in page
-    assert (docs / "mtfl" / "results.csv").is_file() and (docs / "summary.json").is_file()
+    assert (docs / "mtfl" / "results.csv").is_file() and (docs / "mtfl" / "summary.json").is_file() and (docs / "utkface" / "machine.json").is_file()
 
 
 @pytest.mark.slow
@@ -250,3 +255,76 @@ def test_plan_prints_estimates(tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert plan["concurrency"]["jobs"] in (1, 2) and plan["cuts"] and plan["total_estimate_s"] > 0
     assert not (out / "record").exists()
+
+
+def test_probe_from_an_earlier_plan_and_rows(tmp_path):
+    """--probe-from: a rerun takes the step times, start-up and runs-at-once of an earlier
+    plan.json instead of probing again; --rows keeps only the named grid rows (the single-task
+    baselines always run) and names the known rows when a label is not one of them."""
+    shared = shared_path()
+    gr = _script()
+    carry, out = tmp_path / "carry", tmp_path / "out"
+    assert gr.main(["pack", "--data", str(shared), "--out", str(carry), "--limit", "40", "--no-site"]) == 0
+    earlier = {"probe": {s: {"any": {"step_s": 0.5, "eval_sample_s": 1e-3}} for s in ("mtfl", "utkface")},
+               "concurrency": {"jobs": 3, "speedup": {"1": 1.0, "3": 2.0}}, "startup_s": 7.0}
+    (tmp_path / "plan.json").write_text(json.dumps(earlier))
+    common = ["run", "--tiny", "--plan", "--carry", str(carry), "--out", str(out), "--probe-from", str(tmp_path / "plan.json")]
+    assert gr.main([*common, "--rows", "cross_stitch", "nddr"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["concurrency"] == earlier["concurrency"] and plan["startup_s"] == 7.0 and plan["settings"]["jobs"] == 3
+    assert not (out / "probe" / "probe").exists()  # nothing trained
+    assert "not measured again" in (out / "gpu_record.log").read_text()
+    # one tiny run of 1 epoch: 7 s start-up + the probe's 0.5 s per step, 3 at once at 2x
+    assert plan["estimate_s"]["mtfl"] > 7.0
+    settings = {"studies": ["mtfl", "utkface"], "seeds": 1, "epochs": {"mtfl": 1, "utkface": 1},
+                "batch": {"mtfl": 8, "utkface": 8}, "weighting": True}
+    grids = gr.make_grids(argparse.Namespace(tiny=False, rows=["hard", "nddr", "hard/dwa"]), tmp_path / "data",
+                          tmp_path / "grids", settings)
+    labels = {s: [gr._label(e) for e in yaml.safe_load(g.read_text())["architectures"]] for s, g in grids.items()}
+    assert labels == {"mtfl": ["hard", "nddr", "hard/dwa"], "utkface": ["nddr"]}
+    assert gr.main([*common, "--rows", "cross_stitch", "nope"]) == 2
+    assert "--rows: 'nope' is not a row of mtfl (" in (out / "gpu_record.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_parts_stop_with_the_script(tmp_path):
+    """The studies and tests run in their own process groups (so that a deadline stops a whole
+    group); when the script stops (SIGTERM, Ctrl-C: an exception in the thread waiting for a
+    part) the part must stop too, not run on as an orphan."""
+    gr = _script()
+    pid_file = tmp_path / "pid"
+    sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 3.0)
+        with pytest.raises(KeyboardInterrupt):
+            gr.run_logged(sleeper, tmp_path / "part.log", dict(os.environ), None, lambda *a: None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 20
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid) and not gr.CHILDREN
+    # a part waited on in another thread (the tests part) is stopped by stop_children
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        gr.run_logged(sleeper, tmp_path / "part2.log", dict(os.environ), None, lambda *a: None)))
+    thread.start()
+    while not gr.CHILDREN and time.monotonic() < deadline + 20:
+        time.sleep(0.05)
+    gr.stop_children()
+    thread.join(30)
+    assert not thread.is_alive() and result["returncode"] == -signal.SIGTERM
