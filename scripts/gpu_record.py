@@ -28,7 +28,10 @@ Subcommands:
   them. ``--plan`` stops after the probe and prints each part's estimate; ``--budget SECONDS``
   cuts (in this order) the MTFL loss-weighting rows, UTKFace epochs, seeds, the benchmark, MTFL
   epochs until the estimate fits, and stops a study at its deadline keeping the finished runs.
-  ``--tiny``: a few steps of every part (CI, on CPU).
+  ``--probe-from PLAN_JSON`` reuses an earlier run's probe; ``--rows`` keeps only some grid rows;
+  ``--resume`` continues an output folder's studies. ``--tiny``: a few steps of every part (CI,
+  on CPU). Measured on an H200 (benchmarks/README.md, "GPU record"): the full defaults do not fit
+  5 minutes; the tables of the first two calls are in docs/results/gpu/.
 * ``report``: the output's ``record/`` through ``scripts/record.py report`` into
   ``docs/results/gpu/`` (next to the CPU tables).
 
@@ -973,11 +976,6 @@ produced its table).
 
 <!-- record:utkface -->
 <!-- /record:utkface -->
-
-## Ablations
-
-<!-- record:ablations -->
-<!-- /record:ablations -->
 """
 WEIGHTING_PAGE = """# Loss weighting on MTFL, GPU record
 
