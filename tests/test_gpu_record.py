@@ -4,6 +4,7 @@ the whole run works end to end in --tiny mode on a CPU (so the prepared GPU scri
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -22,7 +23,7 @@ import torch
 import yaml
 
 from conftest import shared_path
-from taskloom.data import DataBundle, build_data, packed
+from taskloom.data import build_data, packed
 from taskloom.data.packed import Batch, PackedOptions
 from taskloom.errors import DataError
 
@@ -34,9 +35,15 @@ DEVICE = torch.device(os.environ.get("TASKLOOM_TEST_DEVICE", "cpu"))  # gpu_reco
 def _script():
     spec = importlib.util.spec_from_file_location("gpu_record_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)  # (puts scripts/ on sys.path: the gpurec package)
     return module
+
+
+def _gpurec(name: str):
+    """A piece of the script: ``gpurec.plan``, ``gpurec.probe``, ``gpurec.parts``."""
+    _script()
+    return importlib.import_module(f"gpurec.{name}")
 
 
 def _synthetic_pack(folder: Path, n: int = 40) -> Path:
@@ -138,11 +145,11 @@ def test_trainer_on_packed_data(tmp_path):
 
 
 def test_schedule_and_budget_cuts():
-    gr = _script()
+    gr, probe_key = _gpurec("plan"), _gpurec("probe").probe_key
     assert gr.schedule([3, 3, 3], 2) == 6 and gr.schedule([], 4) == 0 and gr.schedule([1, 5, 1, 1], 2) == 5
     job = {"data": {"batch_size": 10, "tasks": None}, "model": {"architecture": "a", "backbone": "b"},
            "train": {"epochs": 30, "weighting": {"name": "fixed"}}}
-    model = {"probe": {s: {gr.probe_key(job): {"step_s": 0.01, "eval_sample_s": 1e-5}} for s in ("mtfl", "utkface")},
+    model = {"probe": {s: {probe_key(job): {"step_s": 0.01, "eval_sample_s": 1e-5}} for s in ("mtfl", "utkface")},
              "jobs": {s: [{"seed": k, "config": job, "weighting_row": False} for k in range(3)] * 4 for s in ("mtfl", "utkface")},
              "startup": 2.0, "meta": {s: {"train": 1000, "val": 100, "test": 100} for s in ("mtfl", "utkface")},
              "speedup": lambda n: min(n, 4), "compare_overhead": 5.0, "tests": 30.0, "bench": lambda s: 20.0}
@@ -278,9 +285,10 @@ def test_probe_from_an_earlier_plan_and_rows(tmp_path):
     assert plan["estimate_s"]["mtfl"] > 7.0
     settings = {"studies": ["mtfl", "utkface"], "seeds": 1, "epochs": {"mtfl": 1, "utkface": 1},
                 "batch": {"mtfl": 8, "utkface": 8}, "weighting": True}
-    grids = gr.make_grids(argparse.Namespace(tiny=False, rows=["hard", "nddr", "hard/dwa"]), tmp_path / "data",
-                          tmp_path / "grids", settings)
-    labels = {s: [gr._label(e) for e in yaml.safe_load(g.read_text())["architectures"]] for s, g in grids.items()}
+    probe = _gpurec("probe")
+    grids = probe.make_grids(argparse.Namespace(tiny=False, rows=["hard", "nddr", "hard/dwa"]), tmp_path / "data",
+                             tmp_path / "grids", settings)
+    labels = {s: [probe._label(e) for e in yaml.safe_load(g.read_text())["architectures"]] for s, g in grids.items()}
     assert labels == {"mtfl": ["hard", "nddr", "hard/dwa"], "utkface": ["nddr"]}
     assert gr.main([*common, "--rows", "cross_stitch", "nope"]) == 2
     assert "--rows: 'nope' is not a row of mtfl (" in (out / "gpu_record.log").read_text()
@@ -298,7 +306,7 @@ def test_parts_stop_with_the_script(tmp_path):
     """The studies and tests run in their own process groups (so that a deadline stops a whole
     group); when the script stops (SIGTERM, Ctrl-C: an exception in the thread waiting for a
     part) the part must stop too, not run on as an orphan."""
-    gr = _script()
+    gr = _gpurec("parts")
     pid_file = tmp_path / "pid"
     sleeper = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"]
 
