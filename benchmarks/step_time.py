@@ -6,7 +6,9 @@ Sections (``--sections``, default all):
                (``single``; for X-ResNet ``split@4``, its trunk and branch without cross terms),
                K = 2, 3, 5, on LeNet (MultiMNIST 1x36x36), TCDCN (MTFL 1x40x40), ResNet-18 (3x64x64).
 * ``batched``  towers as one: loop (``off``) vs ``on`` (vmap everywhere supported) vs ``conv`` (vmap
-               the conv-only stages, loop the fully connected one) vs the library's ``auto``.
+               the conv-only stages, loop the fully connected one) vs the library's ``auto`` vs
+               ``packed`` (taskloom.packed: one grouped conv / BatchNorm / batched matmul per layer;
+               ``tcdcn_bn``, the MTFL record's BatchNorm towers, only packs: vmap loops there).
 * ``scaling``  step time and peak memory against K = 2..8 per mixer (TCDCN), PNG plot.
 * ``inference`` one forward of a K-task network vs K single-task networks (throughput ratio).
 * ``checkpoint`` activation checkpointing of the tower stages: time and memory cost.
@@ -50,6 +52,7 @@ from taskloom.tasks import ClassificationTask  # noqa: E402
 BACKBONES = {
     "lenet": (LeNetOptions(), (1, 36, 36)),
     "tcdcn": (TCDCNOptions(), (1, 40, 40)),
+    "tcdcn_bn": (TCDCNOptions(batch_norm=True), (1, 40, 40)),  # the MTFL record's towers (vmap: loop only)
     "resnet18": (ResNet18Options(), (3, 64, 64)),
 }
 MIXERS = {"cross_stitch": CrossStitchOptions(), "nddr": NDDROptions(), "sluice": SluiceOptions()}
@@ -180,7 +183,7 @@ def compare(group: str, variants: dict[str, Variant], baseline: str, args, memor
 
 
 def batch_for(bb):
-    return {"lenet": 32, "tcdcn": 32, "resnet18": 4}[bb]
+    return {"lenet": 32, "tcdcn": 32, "tcdcn_bn": 32, "resnet18": 4}[bb]
 
 
 def sec_fusion(args, device):
@@ -208,7 +211,7 @@ def sec_batched(args, device):
             for aname in ("single", "cross_stitch"):
                 arch = SingleOptions() if aname == "single" else CrossStitchOptions()
                 vs = {mode: make(arch, backbone, shape, k, batch_for(bb), device, batched=mode)
-                      for mode in ("off", "on", "conv", "auto")}
+                      for mode in ("off", "on", "conv", "auto", "packed")}
                 rows += compare(f"batched {bb} {aname} K={k}", vs, "off", args)
     return rows
 

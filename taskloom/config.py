@@ -140,11 +140,14 @@ class ModelConfig:
 
     backbone: BackboneOptions = dataclasses.field(default_factory=LeNetOptions)
     architecture: ArchOptions = dataclasses.field(default_factory=CrossStitchOptions)
-    batched_towers: Literal["auto", "on", "off"] = "off"
-    """Run the K towers of a stage as one batched computation (``torch.vmap`` over the stacked
-    tower parameters; same numbers, same parameters and checkpoints): ``off`` (a loop over the
-    towers), ``on`` (wherever supported: towers without BatchNorm), ``auto`` (conv-only stages
-    with K >= 3 on a GPU; the loop on CPU, where vmap measured no faster: benchmarks/README.md)."""
+    batched_towers: Literal["auto", "on", "off", "packed"] = "off"
+    """Run the K towers of a stage as one batched computation (same numbers, same parameters and
+    checkpoints): ``off`` (a loop over the towers), ``on`` (``torch.vmap`` over the stacked tower
+    parameters wherever supported: towers without BatchNorm), ``auto`` (vmap for conv-only stages
+    with K >= 3 on a GPU; the loop on CPU, where vmap measured no faster: benchmarks/README.md),
+    ``packed`` (one grouped convolution / BatchNorm / batched matmul per layer over the K towers'
+    stacked channels, REFERENCE §11, BatchNorm towers included; stages of other layers, such as
+    residual blocks, loop)."""
     regularizer: RegularizerOptions | None = None
     """Tower-weight regulariser between corresponding tower weights (REFERENCE §4);
     ``null``: none. For example ``{kind: affine_exp, weight: 1.0}``."""

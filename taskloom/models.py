@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from taskloom.mixers import Mixer
+from taskloom.packed import packable, packed_forward
 from taskloom.tasks import Task
 
 
@@ -76,6 +77,10 @@ class TaskParallel(nn.Module):
       of identical structure without buffers (no BatchNorm); otherwise it falls back to the loop.
     * ``mode = "auto"``: ``vmap`` when the features are on a GPU, the loop on CPU (where the
       batched form measured no faster: benchmarks/README.md).
+    * ``mode = "packed"``: the K towers as one network on channel-stacked features
+      (:mod:`taskloom.packed`, REFERENCE §11): one grouped convolution, one BatchNorm over K*C
+      channels, one batched matmul per layer. For towers that are chains of such layers (also
+      with BatchNorm, unlike vmap); otherwise the loop.
     * ``checkpoint = True``: each tower's stage is run under ``torch.utils.checkpoint`` in training
       (activations recomputed in backward: less memory, one more forward of the towers).
     """
@@ -86,12 +91,19 @@ class TaskParallel(nn.Module):
         self.mode = "loop"
         self.checkpoint = False
         self._vmap_ok: bool | None = None  # vmap_supported(), cached on first use
+        self._packed_ok: bool | None = None  # packed_supported(), likewise
 
     def vmap_supported(self) -> bool:
         """Whether the towers can run as one vmapped call: same structure, no buffers."""
         if self._vmap_ok is None:
             self._vmap_ok = self._check_vmap()
         return self._vmap_ok
+
+    def packed_supported(self) -> bool:
+        """Whether the towers can run packed (:func:`taskloom.packed.packable`)."""
+        if self._packed_ok is None:
+            self._packed_ok = packable(list(self.towers))
+        return self._packed_ok
 
     def _check_vmap(self) -> bool:
         towers = list(self.towers)
@@ -106,6 +118,8 @@ class TaskParallel(nn.Module):
             raise ValueError(f"TaskParallel: {len(self.towers)} towers, {len(xs)} features")
         if (self.mode == "vmap" or (self.mode == "auto" and xs[0].is_cuda)) and self.vmap_supported():
             return self._forward_vmap(xs)
+        if self.mode == "packed" and self.packed_supported():
+            return packed_forward(list(self.towers), xs)
         if self.checkpoint and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
@@ -131,20 +145,24 @@ class TaskParallel(nn.Module):
 def configure_towers(model: nn.Module, batched: str = "off", checkpoint: bool = False) -> dict[str, int]:
     """Set how every :class:`TaskParallel` in ``model`` runs its K towers.
 
-    ``batched``: ``off`` (loop), ``on`` (vmap wherever supported, loop elsewhere) or ``auto``
+    ``batched``: ``off`` (loop), ``on`` (vmap wherever supported, loop elsewhere), ``auto``
     (supported conv-only stages with K >= 3 get ``mode = "auto"``: vmap on a GPU, the loop on
     CPU, where ``benchmarks/step_time.py`` measured vmap no faster overall: about 1.1x faster
-    on TCDCN's conv stages, slower on LeNet, and slowest on fully connected stages). ``checkpoint``:
+    on TCDCN's conv stages, slower on LeNet, and slowest on fully connected stages) or ``packed``
+    (:mod:`taskloom.packed` wherever supported, BatchNorm towers included). ``checkpoint``:
     activation checkpointing of the looped tower stages. Returns how many stages got each mode.
     """
-    if batched not in ("off", "on", "auto"):
-        raise ValueError(f"batched must be off, on or auto, got {batched!r}")
-    counts = {"loop": 0, "vmap": 0, "auto": 0}
+    if batched not in ("off", "on", "auto", "packed"):
+        raise ValueError(f"batched must be off, on, auto or packed, got {batched!r}")
+    counts = {"loop": 0, "vmap": 0, "auto": 0, "packed": 0}
     for module in model.modules():
         if isinstance(module, TaskParallel):
-            module._vmap_ok = None  # re-check: the towers may have been changed since
-            mode = {"off": "loop", "on": "vmap", "auto": "auto" if _auto_vmap(module) else "loop"}[batched]
-            module.mode = mode if module.vmap_supported() else "loop"
+            module._vmap_ok = module._packed_ok = None  # re-check: the towers may have been changed since
+            if batched == "packed":
+                module.mode = "packed" if module.packed_supported() else "loop"
+            else:
+                mode = {"off": "loop", "on": "vmap", "auto": "auto" if _auto_vmap(module) else "loop"}[batched]
+                module.mode = mode if module.vmap_supported() else "loop"
             module.checkpoint = bool(checkpoint)
             counts[module.mode] += 1
     return counts

@@ -48,21 +48,21 @@ def test_vmap_equals_loop_lenet(arch_name, dtype_name, k):
 
 def test_vmap_equals_loop_tcdcn():
     counts = _compare(CrossStitchOptions(), TCDCNOptions(channels=[4, 6, 8, 8], hidden=16), (1, 40, 40), 3)
-    assert counts == {"vmap": 5, "loop": 0, "auto": 0}
+    assert counts == {"vmap": 5, "loop": 0, "auto": 0, "packed": 0}
 
 
 def test_auto_mode():
     # conv stages get "auto" (vmap on a GPU, loop on CPU); the fully connected stage stays a loop
     counts = _compare(CrossStitchOptions(), TCDCNOptions(channels=[4, 6, 8, 8], hidden=16), (1, 40, 40), 3, "auto")
-    assert counts == {"vmap": 0, "loop": 1, "auto": 4}
+    assert counts == {"vmap": 0, "loop": 1, "auto": 4, "packed": 0}
     counts = _compare(CrossStitchOptions(), TCDCNOptions(channels=[4, 6, 8, 8], hidden=16), (1, 40, 40), 2, "auto")
-    assert counts == {"vmap": 0, "loop": 5, "auto": 0}
+    assert counts == {"vmap": 0, "loop": 5, "auto": 0, "packed": 0}
 
 
 def test_batchnorm_towers_fall_back_to_loop():
     counts = _compare(SingleOptions(), SmallResNetOptions(channels=[4, 8], blocks=[1, 1], stem_channels=4),
                       (1, 16, 16), 3)
-    assert counts == {"vmap": 0, "loop": 3, "auto": 0}
+    assert counts == {"vmap": 0, "loop": 3, "auto": 0, "packed": 0}
 
 
 def test_vmap_eval_and_no_grad():

@@ -60,7 +60,8 @@ def run_logged(cmd: list[str], log_path: Path, env: dict[str, str], timeout: flo
 
 def part_tests(args, out: Path, env: dict[str, str], device: str, timeout: float, log: Log) -> dict[str, Any]:
     tests = (["tests/test_batched_towers.py::test_off_is_default_and_bad_value", "tests/test_gpu_record.py::test_codec_round_trip"]
-             if args.tiny else ["tests/test_batched_towers.py", "tests/test_checkpointing.py", "tests/test_gpu_record.py"])
+             if args.tiny else ["tests/test_batched_towers.py", "tests/test_packed_towers.py", "tests/test_checkpointing.py",
+                                  "tests/test_gpu_record.py"])
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests,
            "--junitxml", str(out / "tests" / "junit.xml")]
     result = run_logged(cmd, out / "tests" / "pytest.log", dict(env, TASKLOOM_TEST_DEVICE=device), timeout, log)
@@ -79,7 +80,7 @@ def bench_args(args, device: str) -> tuple[list[str], list[str]]:
         return (["--device", device, "--threads", "1", "--rounds", "1", "--warmup", "0", "--backbones", "lenet",
                  "--ks", "3", "--plot", ""], ["batched"])
     return (["--device", device, "--threads", "4", "--rounds", str(args.bench_rounds), "--warmup", "3",
-             "--backbones", "lenet", "tcdcn", "--ks", "3", "5", "--memory", "--plot", ""], ["batched", "fusion"])
+             "--backbones", "lenet", "tcdcn", "tcdcn_bn", "--ks", "3", "5", "--memory", "--plot", ""], ["batched", "fusion"])
 
 
 def bench_worker(args) -> int:
