@@ -55,6 +55,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -264,15 +265,39 @@ def report(args) -> int:
     for name, text, wanted in (("README.md", PAGE, True), ("weighting_mtfl.md", WEIGHTING_PAGE, weighting)):
         if wanted and not (docs / name).is_file():
             (docs / name).write_text(text, encoding="utf-8")
-    record.report(argparse.Namespace(runs=str(record_root)))
+    studies = [s for s in STUDY_NAMES if (record_root / s / "results.csv").is_file()]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.merge:
+            record_root = merged_record(record, record_root, docs, studies, Path(tmp))
+        record.report(argparse.Namespace(runs=str(record_root)))
     # A study's tables come from the run that has it (a later run may redo one study only): its
-    # machine, plan and summary go beside them.
-    for study in STUDY_NAMES:
-        if (record_root / study / "results.csv").is_file():
-            for name in ("machine.json", "plan.json", "summary.json", "gpu_record.log", "tests/pytest.log"):
-                if (runs / name).is_file():
-                    shutil.copy2(runs / name, docs / study / Path(name).name)
+    # machine, plan and summary go beside them (with --merge, beside the earlier run's, by name).
+    for study in studies:
+        for name in ("machine.json", "plan.json", "summary.json", "gpu_record.log", "tests/pytest.log"):
+            if (runs / name).is_file():
+                path = Path(name)
+                shutil.copy2(runs / name, docs / study / (f"{path.stem}-{runs.name}{path.suffix}" if args.merge else path.name))
     return 0
+
+
+def merged_record(record, root: Path, docs: Path, studies: list[str], tmp: Path) -> Path:
+    """A record root under ``tmp`` whose studies' results.csv hold the run's rows and, for labels
+    the run does not have, the rows already in ``docs`` (a run that adds or redoes some rows of
+    an earlier one: ``--rows``); wall times add up."""
+    for study in studies:
+        dest = tmp / study
+        dest.mkdir(parents=True)
+        fresh: dict[str, list[dict]] = {}
+        for row in record.read_csv(root / study / "results.csv"):
+            fresh.setdefault(row["label"], []).append(row)
+        old_csv = docs / study / "results.csv"
+        record.write_csv(record.merge_rows(record.read_csv(old_csv) if old_csv.is_file() else [], fresh),
+                         dest / "results.csv")
+        if (root / study / "class_counts.json").is_file():
+            shutil.copy2(root / study / "class_counts.json", dest / "class_counts.json")
+        wall = [d / study / "wall_seconds.txt" for d in (docs, root)]
+        (dest / "wall_seconds.txt").write_text(f"{sum(float(w.read_text()) for w in wall if w.is_file()):.0f}\n")
+    return tmp
 
 
 # --------------------------------------------------------------------------- CLI
@@ -326,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="tables of a GPU record next to the CPU ones (scripts/record.py report)")
     p.add_argument("--runs", default="runs/gpu_record")
     p.add_argument("--docs", default=str(REPO / "docs" / "results" / "gpu"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows already in --docs of labels this run does not have (a run of some rows)")
     p.set_defaults(fn=report)
 
     p = sub.add_parser("_bench")

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from taskloom.grid import SINGLE  # noqa: E402
 from taskloom.compare import write_results  # noqa: E402
-from taskloom.summary import read_csv, summarize  # noqa: E402
+from taskloom.summary import read_csv, summarize, write_csv  # noqa: E402
 
 STUDIES = ("mtfl", "utkface", "ablations", "pets")
 DOCS = REPO / "docs" / "results"
@@ -242,24 +242,32 @@ def _train_rows(study: str, labels: list[str], seeds: int | None, runs: Path, wo
 
 
 def rerun(args) -> None:
-    from taskloom.summary import collect, write_csv
+    from taskloom.summary import collect
 
     jobs = _train_rows(args.study, args.labels, None, Path(args.runs), args.jobs)
     fresh: dict[str, list[dict]] = {}
     for row in collect(jobs):
         fresh.setdefault(row["label"], []).append(row)
     path = DOCS / args.study / "results.csv"
+    write_csv(merge_rows(read_csv(path), fresh), path)
+    print(f"wrote {path}")
+
+
+def merge_rows(old: list[dict], fresh: dict[str, list[dict]]) -> list[dict]:
+    """``old`` (a results.csv's rows) with the rows of every label in ``fresh`` in place of that
+    label's old rows; labels new to ``old`` go at the end, in ``fresh``'s order."""
+    fresh = {label: list(rows) for label, rows in fresh.items()}
     rows: list[dict] = []
-    for row in read_csv(path):  # the reran labels' rows take the place of the old ones
+    for row in old:
         if row["label"] not in fresh:
-            rows.append({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+            rows.append(row)
         elif fresh[row["label"]]:
             rows += fresh[row["label"]]
             fresh[row["label"]] = []
-    for new_rows in fresh.values():  # labels the file did not have yet go at its end, in grid order
+    for new_rows in fresh.values():
         rows += new_rows
-    write_csv(rows, path)
-    print(f"wrote {path}")
+    # (read_csv parses JSON cells: write lists and dicts back as JSON)
+    return [{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows]
 
 
 # The MTFL rows whose task weights change during training (task_weights.png, seed 0 of each).

@@ -336,3 +336,35 @@ def test_parts_stop_with_the_script(tmp_path):
     gr.stop_children()
     thread.join(30)
     assert not thread.is_alive() and result["returncode"] == -signal.SIGTERM
+
+
+def test_report_merge_keeps_the_rows_a_later_run_lacks(tmp_path):
+    """report --merge: a run of some rows (``--rows``) replaces those labels' rows in the
+    committed tables and keeps the others (here: the committed GPU MTFL table as the earlier
+    run, and a later run that has only cross-stitch, with a changed value)."""
+    from taskloom.summary import read_csv, write_csv
+
+    committed = REPO / "docs" / "results" / "gpu" / "mtfl"
+    if not (committed / "results.csv").is_file():
+        pytest.skip("no committed GPU MTFL table")
+    gr = _script()
+    docs, run = tmp_path / "docs", tmp_path / "run"
+    (docs / "mtfl").mkdir(parents=True)
+    (run / "record" / "mtfl").mkdir(parents=True)
+    old = read_csv(committed / "results.csv")
+    (docs / "mtfl" / "results.csv").write_bytes((committed / "results.csv").read_bytes())
+    (docs / "mtfl" / "wall_seconds.txt").write_text("400\n")
+    later = [dict(r, **{"landmarks/mean_error_iod": 0.05}) for r in old if r["label"] in ("single-task", "cross_stitch")]
+    write_csv([{k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in later],
+              run / "record" / "mtfl" / "results.csv")
+    (run / "record" / "mtfl" / "wall_seconds.txt").write_text("100\n")
+    (run / "summary.json").write_text("{}")
+    assert gr.main(["report", "--runs", str(run), "--docs", str(docs), "--merge"]) == 0
+    merged = read_csv(docs / "mtfl" / "results.csv")
+    assert [r["label"] for r in merged] == [r["label"] for r in old]  # every label kept, in order
+    for r, before in zip(merged, old):
+        expected = 0.05 if r["label"] in ("single-task", "cross_stitch") else before["landmarks/mean_error_iod"]
+        assert r["landmarks/mean_error_iod"] == expected and r["seed"] == before["seed"]
+    assert (docs / "mtfl" / "wall_seconds.txt").read_text() == "500\n"
+    assert (docs / "mtfl" / "summary-run.json").is_file()
+    assert "| hard[+gender] |" in (docs / "README.md").read_text()
