@@ -16,6 +16,7 @@ implement it.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -81,8 +82,10 @@ class TaskParallel(nn.Module):
       (:mod:`taskloom.packed`, REFERENCE §11): one grouped convolution, one BatchNorm over K*C
       channels, one batched matmul per layer. For towers that are chains of such layers (also
       with BatchNorm, unlike vmap); otherwise the loop.
-    * ``checkpoint = True``: each tower's stage is run under ``torch.utils.checkpoint`` in training
-      (activations recomputed in backward: less memory, one more forward of the towers).
+    * ``checkpoint = True``: in training, each looped tower's stage (or a packed stage as a
+      whole) is run under ``torch.utils.checkpoint`` (activations recomputed in backward: less
+      memory, one more forward of the towers; BatchNorm running statistics are updated once, not
+      again by the recomputation). Vmapped stages are not checkpointed.
     """
 
     def __init__(self, modules: list[nn.Module]):
@@ -118,12 +121,18 @@ class TaskParallel(nn.Module):
             raise ValueError(f"TaskParallel: {len(self.towers)} towers, {len(xs)} features")
         if (self.mode == "vmap" or (self.mode == "auto" and xs[0].is_cuda)) and self.vmap_supported():
             return self._forward_vmap(xs)
-        if self.mode == "packed" and self.packed_supported():
-            return packed_forward(list(self.towers), xs)
+        packed = self.mode == "packed" and self.packed_supported()
         if self.checkpoint and self.training and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return [checkpoint(m, x, use_reentrant=False) for m, x in zip(self.towers, xs)]
+            if packed:
+                towers = list(self.towers)
+                return list(checkpoint(lambda *x: tuple(packed_forward(towers, list(x))), *xs, use_reentrant=False,
+                                       context_fn=_keep_running_stats(towers)))
+            return [checkpoint(m, x, use_reentrant=False, context_fn=_keep_running_stats([m]))
+                    for m, x in zip(self.towers, xs)]
+        if packed:
+            return packed_forward(list(self.towers), xs)
         return [m(x) for m, x in zip(self.towers, xs)]
 
     def _forward_vmap(self, xs: list[Tensor]) -> list[Tensor]:
@@ -142,6 +151,30 @@ class TaskParallel(nn.Module):
         return list(out.unbind(0))
 
 
+def _keep_running_stats(modules: list[nn.Module]):
+    """``context_fn`` for ``torch.utils.checkpoint``: the recomputation in backward runs the
+    forward again, which would update every BatchNorm's running statistics a second time (and
+    count the batch twice); they are restored after it. (Its outputs do not depend on them: in
+    training BatchNorm normalises with the batch's statistics.)"""
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    @contextlib.contextmanager
+    def restored():
+        saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+                 for m in norms]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, buffers in zip(norms, saved):
+                    now = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+                    for b, old in zip(now, buffers):
+                        b.copy_(old)
+
+    return lambda: (contextlib.nullcontext(), restored())
+
+
 def configure_towers(model: nn.Module, batched: str = "off", checkpoint: bool = False) -> dict[str, int]:
     """Set how every :class:`TaskParallel` in ``model`` runs its K towers.
 
@@ -150,7 +183,8 @@ def configure_towers(model: nn.Module, batched: str = "off", checkpoint: bool = 
     CPU, where ``benchmarks/step_time.py`` measured vmap no faster overall: about 1.1x faster
     on TCDCN's conv stages, slower on LeNet, and slowest on fully connected stages) or ``packed``
     (:mod:`taskloom.packed` wherever supported, BatchNorm towers included). ``checkpoint``:
-    activation checkpointing of the looped tower stages. Returns how many stages got each mode.
+    activation checkpointing of the looped and packed tower stages. Returns how many stages got
+    each mode.
     """
     if batched not in ("off", "on", "auto", "packed"):
         raise ValueError(f"batched must be off, on, auto or packed, got {batched!r}")
