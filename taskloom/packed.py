@@ -33,7 +33,8 @@ WEIGHTED = (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear)
 
 def _leaves(tower: nn.Module) -> list[nn.Module] | None:
     """The tower's layers in order, or None when it is not a chain of supported layers."""
-    if isinstance(tower, nn.Sequential):
+    # (exact types: a subclass may compute something else in its forward)
+    if type(tower) is nn.Sequential:
         out: list[nn.Module] = []
         for child in tower:
             inner = _leaves(child)
@@ -41,11 +42,11 @@ def _leaves(tower: nn.Module) -> list[nn.Module] | None:
                 return None
             out += inner
         return out
-    if isinstance(tower, nn.Flatten):
+    if type(tower) is nn.Flatten:
         return [tower] if tower.start_dim == 1 and tower.end_dim == -1 else None
-    if isinstance(tower, nn.Conv2d):
+    if type(tower) is nn.Conv2d:
         return [tower] if tower.padding_mode == "zeros" and isinstance(tower.padding, tuple) else None
-    if type(tower) in PER_CHANNEL or isinstance(tower, WEIGHTED):
+    if type(tower) in PER_CHANNEL or type(tower) in WEIGHTED:
         return [tower]
     return None
 

@@ -107,6 +107,12 @@ def test_what_does_not_pack():
     assert not packable([conv(), nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh())])
     assert not packable([conv(padding_mode="reflect", padding=1)] * 2)
     assert not packable([nn.Sequential(nn.LSTM(3, 3))] * 2)
+
+    class Standardized(nn.Conv2d):  # a subclass may compute something else
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    assert not packable([nn.Sequential(Standardized(2, 3, 3))] * 2)
     linear_on_maps = [nn.Sequential(nn.Conv2d(2, 3, 3), nn.Linear(3, 4)) for _ in range(2)]
     assert packable(linear_on_maps)  # (shapes are known only at run time)
     with pytest.raises(ValueError, match="linear layers on flat features only"):
