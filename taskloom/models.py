@@ -153,24 +153,20 @@ class TaskParallel(nn.Module):
 
 def _keep_running_stats(modules: list[nn.Module]):
     """``context_fn`` for ``torch.utils.checkpoint``: the recomputation in backward runs the
-    forward again, which would update every BatchNorm's running statistics a second time (and
-    count the batch twice); they are restored after it. (Its outputs do not depend on them: in
-    training BatchNorm normalises with the batch's statistics.)"""
-    norms = [m for module in modules for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    forward again, which would update the modules' buffers a second time (BatchNorm's running
+    statistics, counting the batch twice); they are restored after it. (The outputs do not depend
+    on them: in training BatchNorm normalises with the batch's statistics.)"""
+    buffers = [b for m in modules for b in m.buffers()]
 
     @contextlib.contextmanager
     def restored():
-        saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-                 for m in norms]
+        saved = [b.clone() for b in buffers]
         try:
             yield
         finally:
             with torch.no_grad():
-                for m, buffers in zip(norms, saved):
-                    now = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-                    for b, old in zip(now, buffers):
-                        b.copy_(old)
+                for b, old in zip(buffers, saved):
+                    b.copy_(old)
 
     return lambda: (contextlib.nullcontext(), restored())
 

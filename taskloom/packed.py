@@ -128,9 +128,7 @@ def _batch_norm(layers: tuple[nn.Module, ...], x: Tensor) -> Tensor:
     weight = torch.cat([m.weight for m in layers]) if first.affine else None
     bias = torch.cat([m.bias for m in layers]) if first.affine else None
     # F.batch_norm updates ``mean`` / ``var`` in place in training: copy them back to the layers
-    out = F.batch_norm(x, mean if not first.training or first.track_running_stats else None,
-                       var if not first.training or first.track_running_stats else None,
-                       weight, bias, use_batch_stats, factor, first.eps)
+    out = F.batch_norm(x, mean, var, weight, bias, use_batch_stats, factor, first.eps)
     if track and first.training:
         with torch.no_grad():
             for m, mu, v in zip(layers, mean.chunk(len(layers)), var.chunk(len(layers))):

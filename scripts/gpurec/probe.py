@@ -44,7 +44,7 @@ def make_grids(args, data_root: Path, grids_dir: Path, settings: dict[str, Any])
             entries = [e for e in entries if _label(e) in study.tiny_labels]
         elif name == "mtfl" and not settings["weighting"]:
             entries = [e for e in entries if "/" not in _label(e)]
-        if getattr(args, "rows", None):
+        if args.rows:
             entries = [e for e in entries if _label(e) in args.rows]
         text = yaml.safe_dump({"base": f"{name}_base.yaml", "overrides": overrides, "seeds": settings["seeds"],
                                "architectures": entries}, sort_keys=False)
