@@ -17,8 +17,8 @@ date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
 
-echo "== tests on CUDA (batched towers, checkpointing) =="
-TASKLOOM_TEST_DEVICE=cuda timeout 60 "$PY" -m pytest -q tests/test_batched_towers.py tests/test_checkpointing.py
+echo "== tests on CUDA (batched towers, checkpointing, no waits inside a step) =="
+TASKLOOM_TEST_DEVICE=cuda timeout 60 "$PY" -m pytest -q tests/test_batched_towers.py tests/test_checkpointing.py tests/test_epoch_sums.py
 echo "== full test suite =="
 timeout 150 "$PY" -m pytest -q -x
 

@@ -173,8 +173,10 @@ def run(args) -> int:
              "tests": args.tests_estimate if not args.tiny else 10.0,
              # one process; per precision about 48 x (rounds + warm-up) + 80 steps of these small
              # networks (batch 32, no trainer overhead: ~0.6 x a probed training step) and model set-up
+             # then trainer_reads.py: 2 settings x (rounds + warm-up) x 20 full trainer steps
              "bench": lambda s: startup + len(BENCH_MODES) * (2.0 + (6 if args.tiny else 48 * (args.bench_rounds + 3) + 80)
-                                                             * cs_step * 0.6)}
+                                                             * cs_step * 0.6)
+                                + 2 * (3 if args.tiny else (args.bench_rounds + 3) * 20) * cs_step}
     settings, cuts = fit_budget(settings, model, args.budget, sum(fixed.values()), log)
     parts_estimate = print_plan(settings, model, fixed, log, cuts, args.budget)
     plan = {"settings": settings, "cuts": cuts, "estimate_s": parts_estimate, "fixed_s": fixed,
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--common", required=True, help="step_time.py arguments, as JSON")
     p.add_argument("--tags", nargs="+", default=list(BENCH_MODES))
     p.add_argument("--sections", nargs="+", required=True)
+    p.add_argument("--trainer-steps", type=int, default=20, help="benchmarks/trainer_reads.py --steps")
     p.set_defaults(fn=bench_worker)
 
     p = sub.add_parser("_worker")

@@ -23,8 +23,8 @@ from taskloom.rundir import RunDir
 from taskloom.tasks import Task
 
 # Keys that may differ between a run and its resumption without changing the result.
-RESUME_SAFE_KEYS = {"train.device", "train.progress", "train.threads", "train.tensorboard", "data.num_workers", "data.root",
-                    "data.eval_batch_size"}
+RESUME_SAFE_KEYS = {"train.device", "train.progress", "train.threads", "train.tensorboard", "train.sync_every",
+                    "data.num_workers", "data.root", "data.eval_batch_size"}
 
 
 def new_state() -> dict[str, Any]:
@@ -59,6 +59,7 @@ class Loop:
     ctx: distributed.Context
     device: torch.device
     state: dict[str, Any] = field(default_factory=new_state)
+    sync_every: int = 1  # steps between reads of the epoch's sums from the device (train.sync_every)
 
 
 class Callback:
@@ -93,7 +94,8 @@ class MetricsLog(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over each epoch's training batches, showing the last step's task losses.
+    """A tqdm bar over each epoch's training batches, showing the epoch's mean task losses so
+    far (as of the last read of the sums from the device: every ``train.sync_every`` steps).
 
     The bar is closed when its last batch is done, so that it is gone before validation starts.
     """
@@ -109,7 +111,10 @@ class ProgressBar(Callback):
                              desc=f"epoch {loop.state['epoch'] + 1}/{self.epochs}")
 
     def on_batch_end(self, loop: Loop, losses: dict[str, Tensor]) -> None:
-        self.bar.set_postfix({n: f"{l.item():.3f}" for n, l in losses.items()})
+        partial = loop.state["partial"]  # host numbers: reading them does not wait for the device
+        labelled = partial.get("labelled", {})
+        self.bar.set_postfix({n: f"{partial['loss_sum'][n] / labelled[n]:.3f}"
+                              for n in losses if labelled.get(n)})
         self.bar.update()
         if self.bar.n >= self.bar.total:
             self.close()

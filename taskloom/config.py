@@ -116,6 +116,12 @@ class TrainConfig:
     threads: int | None = None
     """CPU threads for PyTorch (``null``: PyTorch's default, one per core). Set 1 when several
     runs share the cores: oversubscribed threads can make a step several times slower."""
+    sync_every: int = 50
+    """Steps between the trainer's reads of its running sums (task losses, penalties, weights)
+    from the device. Reading waits for the device to finish all queued work, so reading every
+    step keeps the host from queueing the next step meanwhile; on a CPU it costs nothing. A
+    non-finite loss is reported at the next read, with the step where it occurred. The progress
+    bar's losses change at each read. Results do not depend on it."""
     checkpoint_towers: bool = False
     """Activation checkpointing of the task towers' stages: their activations are recomputed in
     the backward pass (less peak memory, about one more forward of the towers per step)."""
@@ -130,6 +136,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError("weight_decay must be >= 0 and momentum in [0, 1)")
+        if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 1:
+            raise ValueError(f"sync_every must be a whole number of steps >= 1, got {self.sync_every!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")
 

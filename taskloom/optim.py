@@ -88,7 +88,7 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def backward(self, weighting: Any, losses: dict, penalties: dict, model: nn.Module) -> dict[str, float]:
+    def backward(self, weighting: Any, losses: dict, penalties: dict, model: nn.Module) -> dict[str, Any]:
         if self.scaler.is_enabled():  # scale() (re)initialises the scaler's state for this step
             weighting.loss_scale = self.scaler.scale(torch.ones((), device=self.device))
         else:

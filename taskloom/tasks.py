@@ -42,6 +42,10 @@ class Task:
     primary: ClassVar[str] = ""
     """The metric used for model selection and delta_m."""
     higher_is_better: ClassVar[dict[str, bool]] = {}
+    empty_mask_safe: ClassVar[bool] = False
+    """True when :meth:`labelled_loss` itself returns 0 (connected) for an empty mask, with no
+    shape that depends on the data. :meth:`loss` then skips its ``mask.any()`` check, which
+    reads the mask back from the device and makes every training step wait for it."""
 
     def __init__(self, name: str):
         self.name = name
@@ -56,7 +60,7 @@ class Task:
         :meth:`labelled_loss` and, where needed, :meth:`loss_target` and :meth:`loss_mask`."""
         target = self.loss_target(output, target)
         mask = self.loss_mask(target)
-        if not mask.any():
+        if not self.empty_mask_safe and not mask.any():
             return output.sum() * 0.0
         return self.labelled_loss(output, target, mask)
 
@@ -70,7 +74,7 @@ class Task:
         return self.labelled(target)
 
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        """The loss over the elements ``mask`` marks (at least one)."""
+        """The loss over the elements ``mask`` marks (at least one, unless :attr:`empty_mask_safe`)."""
         raise NotImplementedError
 
     def labelled(self, target: Tensor) -> Tensor:
@@ -149,8 +153,11 @@ class ClassificationTask(Task):
     def loss_target(self, output: Tensor, target: Tensor) -> Tensor:
         return target.long()
 
+    empty_mask_safe = True
+
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        return F.cross_entropy(output, target.clamp_min(-1), ignore_index=-1)
+        total = F.cross_entropy(output, target.clamp_min(-1), ignore_index=-1, reduction="sum")
+        return total / mask.sum().clamp_min(1)
 
     def combine(self, outputs: list[Tensor]) -> Tensor:
         return mean_of_softmax(outputs)
@@ -219,8 +226,11 @@ class BinaryTask(Task):
     def loss_mask(self, target: Tensor) -> Tensor:
         return target >= 0  # per label
 
+    empty_mask_safe = True
+
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(output[mask], target[mask])
+        losses = F.binary_cross_entropy_with_logits(output, torch.where(mask, target, 0), reduction="none")
+        return masked_mean(losses, mask)
 
     def combine(self, outputs: list[Tensor]) -> Tensor:
         p = torch.stack([o.sigmoid() for o in outputs]).mean(0).clamp(1e-7, 1 - 1e-7)
@@ -283,9 +293,13 @@ class RegressionTask(Task):
     def loss_target(self, output: Tensor, target: Tensor) -> Tensor:
         return target.to(output.dtype).reshape(output.shape)
 
+    empty_mask_safe = True
+
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        output, target = output[mask], target[mask]
-        return F.l1_loss(output, target) if self.loss_name == "l1" else F.mse_loss(output, target)
+        mask = mask.reshape(len(mask), *[1] * (output.dim() - 1)).expand_as(output)
+        target = torch.where(mask, target, 0)  # NaN (missing) would reach the gradient through where
+        loss = F.l1_loss if self.loss_name == "l1" else F.mse_loss
+        return masked_mean(loss(output, target, reduction="none"), mask)
 
     def metrics(self) -> torchmetrics.MetricCollection:
         import torchmetrics
@@ -333,8 +347,11 @@ class OrdinalExpectationTask(Task):
     def target_bins(self, target: Tensor) -> Tensor:
         return (target.round().long().clamp(self.low, self.high) - self.low).reshape(-1)
 
+    empty_mask_safe = True
+
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        return F.cross_entropy(output[mask], self.target_bins(target.reshape(len(target))[mask]))
+        target = torch.where(mask, target.reshape(len(target)), self.low)  # NaN (missing) has no bin
+        return masked_mean(F.cross_entropy(output, self.target_bins(target), reduction="none"), mask)
 
     def combine(self, outputs: list[Tensor]) -> Tensor:
         return mean_of_softmax(outputs)
@@ -398,9 +415,11 @@ class LandmarkTask(Task):
     def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
         return _LandmarkHead(feature_shape, self.num_landmarks, 0.5)
 
+    empty_mask_safe = True
+
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        diff = output.reshape(len(output), -1)[mask] - target.to(output.dtype).reshape(len(target), -1)[mask]
-        return diff.pow(2).sum(1).mean()
+        target = torch.where(mask[:, None], target.to(output.dtype).reshape(len(target), -1), 0)
+        return masked_mean((output.reshape(len(output), -1) - target).pow(2).sum(1), mask)
 
     def metrics(self) -> torchmetrics.MetricCollection:
         import torchmetrics
@@ -409,6 +428,14 @@ class LandmarkTask(Task):
 
         return torchmetrics.MetricCollection({"landmarks": LandmarkErrors(
             self.num_landmarks, self.eyes, 1.0, self.iod_threshold, self.box_threshold)})
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """The mean of ``values`` where ``mask`` is true, 0 (connected to the graph) where it is
+    nowhere true. Shapes do not depend on the data, so the device need not be waited for
+    (unlike ``values[mask].mean()``). Masked-out values must be finite: ``where`` passes them
+    a zero gradient, and a zero times NaN is NaN."""
+    return torch.where(mask, values, 0).sum() / mask.sum().clamp_min(1)
 
 
 def primary_score(task: Task, values: dict[str, float | list[float]]) -> float:

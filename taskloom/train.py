@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from taskloom import checkpoint, distributed
@@ -26,6 +26,7 @@ from taskloom.callbacks import Callback, Checkpointer, Loop, MetricsLog, Progres
 from taskloom.config import Config, TrainConfig, to_dict
 from taskloom.data import DataBundle
 from taskloom.distributed import resolve_device
+from taskloom.epoch_sums import DeviceSums
 from taskloom.errors import ConfigError, TaskloomError
 from taskloom.optim import Precision, build_optimizer, build_scheduler, step_scheduler
 from taskloom.optim import schedule_factor  # noqa: F401  (part of this module's API)
@@ -153,8 +154,11 @@ def train_one_epoch(
 
     Each step runs the forward pass under ``loop.precision``'s autocast, the weighting's backward
     and the optimizer step, then adds its task losses (over labelled samples), penalties and
-    task weights to ``loop.state["partial"]``. Raises :class:`TrainingError` on a non-finite
-    loss, naming the task, the step and ``last_checkpoint``.
+    task weights to the epoch's sums. Those are added on the device and read into
+    ``loop.state["partial"]`` every ``loop.sync_every`` steps and before returning
+    (:mod:`taskloom.epoch_sums`), so that a step does not wait for the device. A non-finite loss
+    raises :class:`TrainingError` at the next read, naming the task, the step where it first
+    occurred and ``last_checkpoint`` (the weights in memory have by then taken the steps after it).
 
     Returns ``True`` if ``stop_requested()`` ended the epoch early (checked after every step,
     so the state is exactly that of a whole number of steps), ``False`` when every batch is done.
@@ -165,51 +169,41 @@ def train_one_epoch(
                         pin_memory=loop.device.type == "cuda")
     for callback in callbacks:
         callback.on_epoch_start(loop, len(batches))
+    sums = DeviceSums(state["partial"], loop.device)
     for x, y in loader:
         x, y = _to(x, loop.device), _to(y, loop.device)
         with loop.precision.autocast():
             losses = model.loss_terms(loop.net(x), y)
             penalties = model.penalty() if hasattr(model, "penalty") else {}
-        _check_finite(loop, losses, last_checkpoint)
         loop.optimizer.zero_grad(set_to_none=True)
         used = loop.precision.backward(loop.weighting, losses, penalties, model)
         loop.precision.step(loop.optimizer, model, grad_clip)
+        labelled = {t.name: t.labelled(y[t.name]).sum() for t in loop.tasks}
+        sums.add(state["step"] + 1, losses, labelled, penalties, used, len(x))
         state["step"] += 1
-        _accumulate(state["partial"], loop.tasks, y, losses, penalties, used, len(x))
+        if state["step"] % loop.sync_every == 0:
+            _read_sums(loop, sums, last_checkpoint)
         for callback in callbacks:
             callback.on_batch_end(loop, losses)
         if stop_requested():
+            _read_sums(loop, sums, last_checkpoint)
             return True
+    _read_sums(loop, sums, last_checkpoint)
     return False
 
 
-def _check_finite(loop: Loop, losses: dict[str, Tensor], last_checkpoint: Path | None) -> None:
-    bad = [name for name, loss in losses.items() if not torch.isfinite(loss)]
-    if loop.ctx.any(bool(bad)):  # every rank stops, also those whose own losses are finite
+def _read_sums(loop: Loop, sums: DeviceSums, last_checkpoint: Path | None) -> None:
+    """Bring the epoch's sums to ``loop.state["partial"]``; raise :class:`TrainingError` if a
+    task loss was not finite since the last read (on every rank, if on any)."""
+    bad = sums.read()
+    if loop.ctx.any(bad is not None):  # every rank stops, also those whose own losses are finite
         saved = last_checkpoint is not None and last_checkpoint.is_file()
         good = f"last good checkpoint: {last_checkpoint}" if saved else "no checkpoint was written yet"
-        name = bad[0] if bad else "?"
-        value = losses[name].item() if bad else float("nan")
+        name, step, value = (bad.task, bad.step, bad.value) if bad else ("?", loop.state["step"], float("nan"))
         raise TrainingError(
-            f"loss of task {name!r} is {value} at epoch {loop.state['epoch'] + 1}, step {loop.state['step'] + 1}; "
+            f"loss of task {name!r} is {value} at epoch {loop.state['epoch'] + 1}, step {step}; "
             f"stopping ({good}). Lower the learning rate or check the inputs"
         )
-
-
-def _accumulate(partial: dict[str, Any], tasks: list[Task], y: dict[str, Tensor], losses: dict[str, Tensor],
-                penalties: dict[str, Tensor], used: dict[str, float], n: int) -> None:
-    """Add one step of ``n`` samples to the running sums of the epoch."""
-    for t in tasks:
-        # A task's loss is a mean over its labelled samples: weight it by their count.
-        k = int(t.labelled(y[t.name]).sum())
-        partial["loss_sum"][t.name] = partial["loss_sum"].get(t.name, 0.0) + losses[t.name].item() * k
-        labelled = partial.setdefault("labelled", {})  # absent from checkpoints of older versions
-        labelled[t.name] = labelled.get(t.name, 0) + k
-    for name, value in penalties.items():
-        partial["penalty_sum"][name] = partial["penalty_sum"].get(name, 0.0) + value.item() * n
-    for name, value in used.items():
-        partial["weight_sum"][name] = partial["weight_sum"].get(name, 0.0) + float(value) * n
-    partial["count"] += n
 
 
 def _partial_over_ranks(partial: dict[str, Any], ctx: distributed.Context) -> dict[str, Any]:
@@ -292,7 +286,7 @@ def fit(
 def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run: RunDir, ctx: distributed.Context,
          device: torch.device, *, config, seed, batch_size, eval_batch_size, num_workers, resume, force,
          log) -> dict[str, Any]:
-    loop, weights = _setup(model, train, ctx, device)
+    loop, weights = build_loop(model, train, ctx, device)
     config_dict = to_dict(config) if config is not None else None
     if run.should_resume(resume, log):
         restore(loop, run, config_dict, force=force)
@@ -337,9 +331,10 @@ def _fit(model: nn.Module, data: DataBundle, train: TrainConfig, run: RunDir, ct
     return _final(loop, run, evaluate_split, data.test, data.val, config)
 
 
-def _setup(model: nn.Module, train: TrainConfig, ctx: distributed.Context,
+def build_loop(model: nn.Module, train: TrainConfig, ctx: distributed.Context,
            device: torch.device) -> tuple[Loop, dict[str, float]]:
-    """Check ``train`` against the model's tasks and build the loop on ``device``; also returns
+    """Check ``train`` against the model's tasks and build the loop on ``device`` (what
+    :func:`fit` trains with; also for driving :func:`train_one_epoch` directly); also returns
     the static loss weights (``train.loss_weights``, 1 by default)."""
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
@@ -365,7 +360,8 @@ def _setup(model: nn.Module, train: TrainConfig, ctx: distributed.Context,
     optimizer = build_optimizer(model, train, weighting)
     scheduler = build_scheduler(optimizer, train.schedule, train.epochs)
     loop = Loop(model=model, net=model, weighting=weighting, optimizer=optimizer, scheduler=scheduler,
-                precision=Precision(train.precision, device), tasks=tasks, ctx=ctx, device=device)
+                precision=Precision(train.precision, device), tasks=tasks, ctx=ctx, device=device,
+                sync_every=train.sync_every)
     return loop, weights
 
 

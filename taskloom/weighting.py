@@ -59,8 +59,9 @@ class Weighting(nn.Module):
         self.static = {t: float(static_weights.get(t, 1.0)) for t in task_names}
 
     def backward(self, losses: dict[str, Tensor], penalties: dict[str, Tensor],
-                 model: MultiTaskModel) -> dict[str, float]:
-        """Run the backward pass of one batch; return the weight applied to each task."""
+                 model: MultiTaskModel) -> dict[str, Tensor | float]:
+        """Run the backward pass of one batch; return the weight applied to each task (a number,
+        or a 0-d tensor, which the trainer reads without making the step wait for the device)."""
         raise NotImplementedError
 
     def epoch_end(self, train_losses: dict[str, float]) -> None:
@@ -178,7 +179,7 @@ class UncertaintyWeighting(Weighting):
             s = self.log_var[i]
             w = scale[t] * self.static[t] * torch.exp(-s)
             total = total + w * losses[t] + 0.5 * s
-            used[t] = float(w.detach())
+            used[t] = w.detach()  # a tensor: the trainer adds it up on the device, without waiting
         (total * self.loss_scale).backward()
         return used
 
@@ -206,16 +207,23 @@ class DWAWeighting(Weighting):
         k = len(task_names)
         self.register_buffer("history", torch.full((2, k), float("nan")))  # [e-2, e-1]
         self.register_buffer("weights", torch.ones(k))
+        self._used: dict[str, float] | None = None  # the weights as numbers, read once per epoch
 
     def backward(self, losses, penalties, model):
-        used = {t: self.static[t] * float(self.weights[i]) for i, t in enumerate(self.task_names)}
-        _weighted_backward(used, losses, penalties, self.loss_scale)
-        return used
+        if self._used is None:  # read from the device after a change only, not every step
+            self._used = {t: self.static[t] * float(self.weights[i]) for i, t in enumerate(self.task_names)}
+        _weighted_backward(self._used, losses, penalties, self.loss_scale)
+        return dict(self._used)
 
     def epoch_end(self, train_losses):
         current = torch.tensor([float(train_losses[t]) for t in self.task_names])
         self.history.copy_(torch.stack([self.history[1], current.to(self.history.device)]))
         self.weights.copy_(self.compute(self.history[1], self.history[0], self.temperature))
+        self._used = None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a checkpoint's weights replace ours
+        self._used = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def compute(last: Tensor, before: Tensor, temperature: float) -> Tensor:

@@ -118,11 +118,12 @@ def test_run_dir_opening_and_log_truncation(tmp_path):
 
 def test_progress_bar_starts_at_the_resumed_step_and_closes_after_the_last(capsys):
     bar = ProgressBar(epochs=3)
-    loop = SimpleNamespace(state={"epoch": 1, "step": 2})
+    loop = SimpleNamespace(state={"epoch": 1, "step": 2, "partial": {"loss_sum": {"a": 0.5, "b": 0.0},
+                                                                   "labelled": {"a": 2, "b": 0}}})
     bar.on_epoch_start(loop, 4)
     shown = bar.bar
-    for _ in range(2):
-        bar.on_batch_end(loop, {"a": torch.tensor(0.25)})
+    for _ in range(2):  # the bar shows the epoch's means so far (host numbers); no labels of b yet
+        bar.on_batch_end(loop, {"a": torch.tensor(float("nan")), "b": torch.tensor(1.0)})
     assert shown.n == 4 and bar.bar is None  # closed before validation starts
     err = capsys.readouterr().err
-    assert "epoch 2/3" in err and "2/4" in err and "a=0.250" in err
+    assert "epoch 2/3" in err and "2/4" in err and "a=0.250" in err and "b=" not in err

@@ -229,6 +229,8 @@ def test_tiny_end_to_end(tmp_path):
     for tag in ("fp32", "bf16", "bf16_cl"):
         assert "rows" in json.loads((out / "bench" / f"gpu_{tag}.json").read_text())
     assert json.loads((out / "bench" / "gpu_fp32.json").read_text())["rows"]
+    reads = json.loads((out / "bench" / "gpu_trainer_reads.json").read_text())["rows"]
+    assert [r["sync_every"] for r in reads] == [1, 50] and reads[0]["ratio_to_every_step"] == 1.0
     assert "passed" in (out / "tests" / "pytest.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["parts"]) == {"tests", "bench", "mtfl", "utkface"}

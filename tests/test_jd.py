@@ -108,13 +108,13 @@ def test_unknown_aggregator_and_bad_options_are_config_errors():
 
 
 def test_jd_is_refused_under_torchrun_with_a_clear_message():
-    from taskloom.train import _setup
+    from taskloom.train import build_loop
 
     model, _, _ = model_and_batch()
     train = TrainConfig()
     train.weighting = JDOptions()
     with pytest.raises(ConfigError, match="'jd' is not supported under torchrun"):
-        _setup(model, train, Context(rank=0, world=2), torch.device("cpu"))
+        build_loop(model, train, Context(rank=0, world=2), torch.device("cpu"))
 
 
 def test_a_stateful_aggregator_starts_without_the_build_probes_state():

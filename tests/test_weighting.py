@@ -155,6 +155,22 @@ def test_dwa_formula_and_first_two_epochs():
     assert restored.weights[0] > restored.weights[1]
 
 
+def test_dwa_reads_its_weights_once_per_change():
+    # The weights used in a step are read from the buffer after epoch_end or a checkpoint's load,
+    # not every step (a read waits for the device); they must still follow both.
+    w = DWAWeighting(["a", "b"], {})
+    loss = {"a": torch.tensor(1.0, requires_grad=True), "b": torch.tensor(1.0, requires_grad=True)}
+    assert w.backward(loss, {}, None) == {"a": 1.0, "b": 1.0}
+    for losses in ({"a": 1.0, "b": 2.0}, {"a": 0.5, "b": 2.0}):
+        w.epoch_end(losses)
+    used = w.backward(loss, {}, None)
+    assert [used["a"], used["b"]] == w.weights.tolist() and used["a"] < used["b"]
+    other = DWAWeighting(["a", "b"], {})
+    other.backward(loss, {}, None)
+    other.load_state_dict(w.state_dict())
+    assert other.backward(loss, {}, None) == used
+
+
 def test_gradnorm_weight_gradient_by_hand():
     w = torch.ones(2)
     norms = torch.tensor([1.0, 3.0])

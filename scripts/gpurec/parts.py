@@ -61,7 +61,7 @@ def run_logged(cmd: list[str], log_path: Path, env: dict[str, str], timeout: flo
 def part_tests(args, out: Path, env: dict[str, str], device: str, timeout: float, log: Log) -> dict[str, Any]:
     tests = (["tests/test_batched_towers.py::test_off_is_default_and_bad_value", "tests/test_gpu_record.py::test_codec_round_trip"]
              if args.tiny else ["tests/test_batched_towers.py", "tests/test_packed_towers.py", "tests/test_checkpointing.py",
-                                  "tests/test_gpu_record.py"])
+                                  "tests/test_epoch_sums.py", "tests/test_gpu_record.py"])
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests,
            "--junitxml", str(out / "tests" / "junit.xml")]
     result = run_logged(cmd, out / "tests" / "pytest.log", dict(env, TASKLOOM_TEST_DEVICE=device), timeout, log)
@@ -118,15 +118,41 @@ def bench_worker(args) -> int:
             print(f"== {tag} {section}: {time.perf_counter() - started:.1f} s", flush=True)
         merged.setdefault("machine", {"argv": common + BENCH_MODES[tag]})
         (out / f"gpu_{tag}.json").write_text(json.dumps(merged, indent=1) + "\n")
+    failed += trainer_reads(common, out, args.trainer_steps)
     print(f"bench: {failed} section(s) failed", flush=True)
     return 0
+
+
+def trainer_reads(common: list[str], out: Path, steps: int) -> int:
+    """benchmarks/trainer_reads.py with step_time's device, threads, rounds and warmup: the
+    trainer's steps reading the device every step against every 50. Returns 1 if it failed."""
+    import traceback
+
+    spec = importlib.util.spec_from_file_location("taskloom_trainer_reads", REPO / "benchmarks" / "trainer_reads.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--json", str(out / "gpu_trainer_reads.json"), "--steps", str(steps)]
+    for key in ("--device", "--threads", "--rounds", "--warmup"):
+        if key in common:
+            argv += [key, common[common.index(key) + 1]]
+    print(f"== trainer_reads.py {' '.join(argv)}", flush=True)
+    started = time.perf_counter()
+    try:
+        module.main(argv)
+        return 0
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        print(f"== trainer_reads: {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def part_bench(args, out: Path, env: dict[str, str], device: str, log: Log, deadline: float) -> dict[str, Any]:
     common, sections = bench_args(args, device)
     (out / "bench").mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(SCRIPT), "_bench", "--out", str(out / "bench"), "--common",
-           json.dumps(common), "--tags", *BENCH_MODES, "--sections", *sections]
+           json.dumps(common), "--tags", *BENCH_MODES, "--sections", *sections,
+           "--trainer-steps", "3" if args.tiny else "20"]
     result = run_logged(cmd, out / "bench" / "bench.log", env, max(deadline - time.perf_counter(), 20), log)
     errors = {}
     for tag in BENCH_MODES:
