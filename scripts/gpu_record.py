@@ -122,8 +122,11 @@ def run(args) -> int:
                 "epochs": {"mtfl": 1 if args.tiny else args.mtfl_epochs, "utkface": 1 if args.tiny else args.utk_epochs},
                 "batch": {"mtfl": 16 if args.tiny else args.mtfl_batch, "utkface": 16 if args.tiny else args.utk_batch},
                 "weighting": args.weighting != "off" and not args.tiny, "weighting_auto": args.weighting == "auto",
-                "jobs": args.jobs or 1}
+                "jobs": args.jobs or 1, "set": list(args.set or [])}
     grids = make_grids(args, data_root, out / "grids", settings)
+    if args.set and (error := bad_overrides(args.set, grids)):
+        log(error)
+        return 2
 
     # probe
     t = time.perf_counter()
@@ -302,6 +305,19 @@ def merged_record(record, root: Path, docs: Path, studies: list[str], tmp: Path)
     return tmp
 
 
+def bad_overrides(overrides: list[str], grids: dict[str, Path]) -> str | None:
+    """The error of the first study whose base config does not take ``--set``'s overrides."""
+    from taskloom import config
+    from taskloom.errors import ConfigError
+
+    for name, grid in grids.items():
+        try:
+            config.load(grid.parent / f"{name}_base.yaml", overrides)
+        except (ConfigError, ValueError) as exc:
+            return f"--set: {exc}"
+    return None
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -343,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", metavar="LABEL",
                    help="only these rows of the grids (labels as in configs/record/*.yaml); the single-task "
                         "baselines always run")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                   help="config overrides for every run of the studies, e.g. model.batched_towers=packed "
+                        "(checked against each study's base config before anything runs)")
     p.add_argument("--bench-rounds", type=int, default=10)
     p.add_argument("--tests-timeout", type=float, default=240)
     p.add_argument("--tests-estimate", type=float, default=60)

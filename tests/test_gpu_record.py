@@ -294,6 +294,15 @@ def test_probe_from_an_earlier_plan_and_rows(tmp_path):
     assert labels == {"mtfl": ["hard", "nddr", "hard/dwa"], "utkface": ["nddr"]}
     assert gr.main([*common, "--rows", "cross_stitch", "nope"]) == 2
     assert "--rows: 'nope' is not a row of mtfl (" in (out / "gpu_record.log").read_text()
+    # --set: overrides for every run, last in each grid (so they win), checked before anything runs
+    assert gr.main([*common, "--rows", "cross_stitch", "nddr", "--set", "model.batched_towers=packed", "train.sync_every=25"]) == 0
+    for study in ("mtfl", "utkface"):
+        grid = yaml.safe_load((out / "grids" / f"{study}.yaml").read_text())
+        assert grid["overrides"][-2:] == ["model.batched_towers=packed", "train.sync_every=25"]
+    assert json.loads((out / "plan.json").read_text())["settings"]["set"][0] == "model.batched_towers=packed"
+    assert gr.main([*common, "--set", "model.batched_towers=fast"]) == 2
+    log = (out / "gpu_record.log").read_text()
+    assert "--set: " in log and "batched_towers" in log and "'fast'" in log
 
 
 def _alive(pid: int) -> bool:

@@ -46,6 +46,7 @@ def make_grids(args, data_root: Path, grids_dir: Path, settings: dict[str, Any])
             entries = [e for e in entries if "/" not in _label(e)]
         if args.rows:
             entries = [e for e in entries if _label(e) in args.rows]
+        overrides += settings.get("set") or []  # run --set: after the grid's own, so they win
         text = yaml.safe_dump({"base": f"{name}_base.yaml", "overrides": overrides, "seeds": settings["seeds"],
                                "architectures": entries}, sort_keys=False)
         path = grids_dir / f"{name}.yaml"
