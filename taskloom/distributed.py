@@ -83,7 +83,9 @@ def setup(device_type: str) -> Context:
         return Context(rank, world, local_rank)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    # Context.sum/any reduce host numbers as CPU tensors, and NCCL has no CPU collectives ("No
+    # backend type associated with device type cpu"): on CUDA, gloo takes those, NCCL the rest.
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
     return Context(rank, world, local_rank, owns_group=True)
 
 

@@ -119,6 +119,26 @@ def test_teardown_leaves_a_process_group_the_caller_created(monkeypatch):
         dist.destroy_process_group()
 
 
+def test_on_cuda_the_group_reduces_host_numbers_with_gloo(monkeypatch):
+    # Context.sum/any (losses, counts, stop requests) reduce CPU tensors; a plain NCCL group
+    # fails on them ("No backend type associated with device type cpu"). No GPU here: the group
+    # is only asked for, and its backend string checked.
+    import torch.distributed as dist
+
+    from taskloom import distributed
+
+    asked = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: asked.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: asked.append(index))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ctx = distributed.setup("cuda")
+    assert asked == [1, "cpu:gloo,cuda:nccl"] and ctx.enabled and ctx.owns_group and ctx.local_rank == 1
+    assert distributed.setup("cpu").enabled and asked[-1] == "gloo"
+
+
 def test_a_checkpoint_holds_every_ranks_sums_of_the_epoch_in_progress():
     """On an interrupt, rank 0 writes the checkpoint: its running sums must be all ranks' together
     (what one process would have summed), so that any world size resumes with the right totals."""
