@@ -15,22 +15,24 @@ checkpoint holds the same numbers whatever ``sync_every`` is.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-# The float sums of ``state["partial"]``, and the integer ones.
-_FLOAT_KEYS = ("loss_sum", "penalty_sum", "weight_sum")
+# The integer sums of ``state["partial"]`` (the others are floats).
 _INT_KEYS = ("labelled",)
 
 
-class NonFiniteLoss(Exception):
-    """A task loss was NaN or infinite: ``task``, the 1-based ``step`` of the epoch and ``value``."""
+@dataclass(frozen=True)
+class NonFiniteLoss:
+    """The first NaN or infinite task loss since a read: the task, the 1-based step of the
+    epoch and the value."""
 
-    def __init__(self, task: str, step: int, value: float):
-        super().__init__(task, step, value)
-        self.task, self.step, self.value = task, step, value
+    task: str
+    step: int
+    value: float
 
 
 class DeviceSums:
