@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -143,9 +144,19 @@ def _print_final(final: dict) -> None:
         print(f"split: val ({', '.join(final['scored_on_val'])}: no labels in the test split)")
 
 
+_sigints: list[int] = []
+
+
+def _on_sigint(signum: int, frame) -> None:
+    _sigints.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # Ctrl-C at any moment, imports included, exits quietly with 130. (The package imports
     # torch lazily, so the console script gets here within a fraction of a second.)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's own: keep its behaviour, and note it
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         return _main(argv)
     except TaskloomError as exc:
@@ -154,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("taskloom: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # A Ctrl-C can land in an import that swallows the KeyboardInterrupt and fails later
+        # instead, half imported (numpy under scipy under torchmetrics: "module 'numpy._core' has
+        # no attribute '_multiarray_umath'"; seen in CI on 2026-12-04): still an interrupt.
+        if _sigints:
+            print("taskloom: interrupted", file=sys.stderr)
+            return 130
+        raise
 
 
 def _main(argv: list[str] | None) -> int:

@@ -297,6 +297,34 @@ def test_importing_the_package_does_not_import_torch():
     assert proc.stdout.strip() == "False", proc.stderr
 
 
+def test_ctrl_c_swallowed_by_an_import_that_then_fails_still_exits_with_130(monkeypatch, capsys):
+    # The timing-dependent case of the test below, made deterministic: a Ctrl-C lands in an
+    # import that catches the KeyboardInterrupt and fails later with another error, half
+    # imported (numpy, in CI on 2026-12-04). Without a Ctrl-C the same error is a crash.
+    import taskloom.cli as cli
+
+    def half_imported(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            pass  # swallowed, as inside that import
+        raise AttributeError("module 'numpy._core' has no attribute '_multiarray_umath'")
+
+    monkeypatch.setattr(cli, "_main", half_imported)
+    monkeypatch.setattr(cli, "_sigints", [])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main([]) == 130
+        assert "taskloom: interrupted" in capsys.readouterr().err
+        monkeypatch.setattr(cli, "_sigints", [])
+        monkeypatch.setattr(cli, "_main", lambda argv: {}["missing"])
+        with pytest.raises(KeyError):
+            cli.main([])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_in_the_first_seconds_exits_quietly_with_130():
     # A shell's background job inherits SIGINT ignored, and Python then installs no handler for it:
     # give the child the default disposition, as a terminal's foreground process has.
