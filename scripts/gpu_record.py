@@ -63,7 +63,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/: the gpurec package
 
-from gpurec.common import CARRY, Log, PARTS, REPO, SHARED, STUDIES, STUDY_NAMES, child_env, fallback_site, machine_info  # noqa: E402
+from gpurec.common import (  # noqa: E402
+    CARRY, Log, PARTS, REPO, SHARED, STUDIES, STUDY_NAMES, child_env, fallback_site, load_script, machine_info,
+)
 from gpurec.pack import pack  # noqa: E402
 from gpurec.parts import BENCH_MODES, bench_worker, bundle, part_bench, part_study, part_tests, stop_children  # noqa: E402
 from gpurec.plan import fit_budget, print_plan, total  # noqa: E402
@@ -254,12 +256,7 @@ WEIGHTING_PAGE = """# Loss weighting on MTFL, GPU record
 
 def report(args) -> int:
     """``scripts/record.py report`` over ``RUNS/record`` with its output folder moved to ``--docs``."""
-    import importlib.util as iu
-
-    spec = iu.spec_from_file_location("taskloom_record_script", REPO / "scripts" / "record.py")
-    record = iu.module_from_spec(spec)
-    sys.modules[spec.name] = record
-    spec.loader.exec_module(record)
+    record = load_script(REPO / "scripts" / "record.py", "taskloom_record_script")
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     record.DOCS = docs

@@ -136,7 +136,7 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ValueError("weight_decay must be >= 0 and momentum in [0, 1)")
-        if isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int) or self.sync_every < 1:
+        if self.sync_every < 1:  # (its type is checked where configs are loaded, as every field's)
             raise ValueError(f"sync_every must be a whole number of steps >= 1, got {self.sync_every!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or null, got {self.grad_clip}")

@@ -131,6 +131,7 @@ class ClassificationTask(Task):
     accuracy (per-class feeds the "data-starved" view of the cross-stitch paper)."""
 
     kind = "classification"
+    empty_mask_safe = True
     primary = "accuracy"
     higher_is_better = {"accuracy": True, "top5": True, "macro_accuracy": True, "per_class_accuracy": True}
 
@@ -152,8 +153,6 @@ class ClassificationTask(Task):
 
     def loss_target(self, output: Tensor, target: Tensor) -> Tensor:
         return target.long()
-
-    empty_mask_safe = True
 
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         total = F.cross_entropy(output, target.clamp_min(-1), ignore_index=-1, reduction="sum")
@@ -199,6 +198,7 @@ class BinaryTask(Task):
     (macro mean over labels for multilabel)."""
 
     kind = "binary"
+    empty_mask_safe = True
     primary = "accuracy"
     higher_is_better = {"accuracy": True, "average_precision": True}
 
@@ -225,8 +225,6 @@ class BinaryTask(Task):
 
     def loss_mask(self, target: Tensor) -> Tensor:
         return target >= 0  # per label
-
-    empty_mask_safe = True
 
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         losses = F.binary_cross_entropy_with_logits(output, torch.where(mask, target, 0), reduction="none")
@@ -275,6 +273,7 @@ class RegressionTask(Task):
     or ``l1``; metrics (torchmetrics) ``mae`` and ``rmse``, both lower-is-better."""
 
     kind = "regression"
+    empty_mask_safe = True
     primary = "mae"
     higher_is_better = {"mae": False, "rmse": False}
 
@@ -292,8 +291,6 @@ class RegressionTask(Task):
 
     def loss_target(self, output: Tensor, target: Tensor) -> Tensor:
         return target.to(output.dtype).reshape(output.shape)
-
-    empty_mask_safe = True
 
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         mask = mask.reshape(len(mask), *[1] * (output.dim() - 1)).expand_as(output)
@@ -327,6 +324,7 @@ class OrdinalExpectationTask(Task):
     ``(N,)``. Metrics: ``mae`` (torchmetrics) and ``median_ae`` of the expected value."""
 
     kind = "ordinal_expectation"
+    empty_mask_safe = True
     primary = "mae"
     higher_is_better = {"mae": False, "median_ae": False}
 
@@ -346,8 +344,6 @@ class OrdinalExpectationTask(Task):
 
     def target_bins(self, target: Tensor) -> Tensor:
         return (target.round().long().clamp(self.low, self.high) - self.low).reshape(-1)
-
-    empty_mask_safe = True
 
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         target = torch.where(mask, target.reshape(len(target)), self.low)  # NaN (missing) has no bin
@@ -393,6 +389,7 @@ class LandmarkTask(Task):
     width (failure above ``box_threshold``, 5%), mean and per landmark (order :attr:`names`)."""
 
     kind = "landmarks"
+    empty_mask_safe = True
     primary = "mean_error_iod"
     higher_is_better = {
         "mean_error_iod": False, "failure_iod": False, "failure_image_iod": False,
@@ -414,8 +411,6 @@ class LandmarkTask(Task):
 
     def build_head(self, feature_shape: tuple[int, ...]) -> nn.Module:
         return _LandmarkHead(feature_shape, self.num_landmarks, 0.5)
-
-    empty_mask_safe = True
 
     def labelled_loss(self, output: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         target = torch.where(mask[:, None], target.to(output.dtype).reshape(len(target), -1), 0)

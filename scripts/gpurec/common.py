@@ -63,6 +63,16 @@ class Log:
                     f.write(line + "\n")
 
 
+def load_script(path: Path, name: str):
+    """The repository's script at ``path`` imported as module ``name`` (scripts and benchmarks
+    are not a package); registered in ``sys.modules`` so that its dataclasses and pickles work."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 

@@ -1,7 +1,6 @@
 """The parts of a run that start processes: tests, benchmark, studies; and the bundle."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpurec.common import Log, REPO, SCRIPT, mib
+from gpurec.common import Log, REPO, SCRIPT, load_script, mib
 from gpurec.probe import grid_jobs
 
 
@@ -88,10 +87,7 @@ def bench_worker(args) -> int:
     a section that fails is recorded as an error row instead of losing the rest."""
     import traceback
 
-    spec = importlib.util.spec_from_file_location("taskloom_step_time", REPO / "benchmarks" / "step_time.py")
-    step_time = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = step_time
-    spec.loader.exec_module(step_time)
+    step_time = load_script(REPO / "benchmarks" / "step_time.py", "taskloom_step_time")
     original = step_time.make
     common = json.loads(args.common)
     out = Path(args.out)
@@ -128,9 +124,7 @@ def trainer_reads(common: list[str], out: Path, steps: int) -> int:
     trainer's steps reading the device every step against every 50. Returns 1 if it failed."""
     import traceback
 
-    spec = importlib.util.spec_from_file_location("taskloom_trainer_reads", REPO / "benchmarks" / "trainer_reads.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(REPO / "benchmarks" / "trainer_reads.py", "taskloom_trainer_reads")
     argv = ["--json", str(out / "gpu_trainer_reads.json"), "--steps", str(steps)]
     for key in ("--device", "--threads", "--rounds", "--warmup"):
         if key in common:
